@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the local CPU wheel when no CUDA is present; an unpinned torch is a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	  else $(BIN)/pip install -q torch==2.13.0; fi; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/textcraftor-fast demo --config configs/tiny.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q --benchmark-only --benchmark-json=benchmarks/results/latest.json benchmarks
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info

@@ -1,0 +1,465 @@
+"""One frozen dataclass tree for a TextCraftor run, loaded from TOML and overridden by ``a.b=c`` strings.
+
+Each section is a dataclass whose fields carry their defaults (the paper's, see ``shared/paper/NOTES.md``)
+and a docstring-style comment. Validation happens at construction: an unknown key names the closest
+valid keys, a wrong type or out-of-range value names the key, what was expected and what was given.
+Derived values are properties, never written back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+def _check(cond: bool, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["pretrained", "tiny_random", "tiny_world"] = "pretrained"
+    """'pretrained': load from `path`; 'tiny_random': random tiny SD-architecture models built in memory
+    from `seed` (tests, smoke runs); 'tiny_world': the embedded, pretrained tiny world shipped in the package."""
+    path: str = ""
+    """A local diffusers folder, or one .safetensors/.ckpt file in the original SD1.5 layout (kind='pretrained')."""
+    resolution: int = 512
+    """Image side in pixels; the latent side is resolution // vae_scale_factor (8 for SD)."""
+    text_encoder_path: str = ""
+    """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.resolution >= 8 and self.resolution % 8 == 0, f"{prefix}.resolution",
+               "a positive multiple of 8", self.resolution)
+        _check(self.kind != "pretrained" or bool(self.path), f"{prefix}.path",
+               "a diffusers folder or a .safetensors/.ckpt file when model.kind='pretrained' "
+               "(or set model.kind='tiny_random' / 'tiny_world')", self.path)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    num_steps: int = 25
+    """DDIM steps (paper: 25)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale (paper: 7.5); 1.0 disables the unconditional branch."""
+    eta: float = 0.0
+    """DDIM eta; 0 is deterministic DDIM (paper)."""
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    """'trailing' gives 999, 959, ..., 39 for 25 steps, the official code's timesteps."""
+    grad_steps: int = 5
+    """K: the last K denoising steps carry gradients (paper: 5)."""
+    random_grad_steps: bool = False
+    """AlignProp-style randomised truncation: each step draws K uniformly from 1..grad_steps."""
+    switch_step: int | None = None
+    """Step index from which the trainable encoder's embeddings are used; None means num_steps - K."""
+    draft_lv_samples: int = 0
+    """DRaFT-LV: >0 re-noises the final sample this many times and backpropagates through one step each."""
+    checkpoint: Literal["none", "step", "every_n"] = "step"
+    """Gradient checkpointing of UNet calls: none, every call ('step'), or every n-th call ('every_n')."""
+    checkpoint_every: int = 2
+    """n for checkpoint='every_n'."""
+    checkpoint_vae: bool = True
+    """Checkpoint the VAE decode too (the official code does not; it is the largest activation)."""
+    train_uncond: bool = True
+    """The unconditional embedding comes from the trainable encoder (paper); False keeps it frozen."""
+
+    @property
+    def effective_switch_step(self) -> int:
+        return self.num_steps - self.grad_steps if self.switch_step is None else self.switch_step
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_steps >= 1, f"{prefix}.num_steps", "an integer >= 1", self.num_steps)
+        _check(1 <= self.grad_steps <= self.num_steps, f"{prefix}.grad_steps",
+               f"an integer in [1, num_steps={self.num_steps}]", self.grad_steps)
+        _check(self.guidance_scale >= 1.0, f"{prefix}.guidance_scale", "a float >= 1.0", self.guidance_scale)
+        _check(0.0 <= self.eta <= 1.0, f"{prefix}.eta", "a float in [0, 1]", self.eta)
+        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "an integer >= 1", self.checkpoint_every)
+        _check(self.draft_lv_samples >= 0, f"{prefix}.draft_lv_samples", "an integer >= 0", self.draft_lv_samples)
+        if self.switch_step is not None:
+            _check(0 <= self.switch_step <= self.num_steps - self.grad_steps, f"{prefix}.switch_step",
+                   f"an integer in [0, num_steps - grad_steps = {self.num_steps - self.grad_steps}] or unset",
+                   self.switch_step)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = "brightness"
+    """Registered reward name (see textcraftor_fast.rewards.REWARDS) or 'module:callable' for a custom one."""
+    weight: float = 1.0
+    """gamma_i in L = -sum_i gamma_i R_i."""
+    path: str = ""
+    """Local checkpoint file or folder of the reward model (nothing is downloaded)."""
+    clip_path: str = ""
+    """Backbone CLIP for heads that need one (the aesthetic MLP scores a CLIP ViT-L/14 image embedding)."""
+    resize: Literal["adaptive_avg", "bicubic"] = "adaptive_avg"
+    """Resize to the tower's input size: official adaptive average pooling, or antialiased bicubic."""
+    clamp_min: float | None = None
+    """Clamp the reward from below before weighting (bounds a hackable reward)."""
+    clamp_max: float | None = None
+    """Clamp the reward from above before weighting."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the reward's constructor."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.name), f"{prefix}.name", "a reward name", self.name)
+        if self.clamp_min is not None and self.clamp_max is not None:
+            _check(self.clamp_min <= self.clamp_max, f"{prefix}.clamp_min", f"<= clamp_max={self.clamp_max}",
+                   self.clamp_min)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adamw8bit", "deepspeed"] = "adamw"
+    """Optimizer: torch AdamW, bitsandbytes 8-bit AdamW, or the DeepSpeed-managed optimizer."""
+    lr: float = 1e-6
+    """Learning rate (paper: 1e-6, no schedule)."""
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = None
+    """Clip the global grad norm to this value; None disables (the official code does not clip)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps for the learning rate."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lr > 0, f"{prefix}.lr", "a float > 0", self.lr)
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "a float >= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+               "two floats in [0, 1)", self.betas)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{prefix}.max_grad_norm",
+               "a float > 0 or unset", self.max_grad_norm)
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "builtin:parti"
+    """Prompt source: .txt (one a line), .jsonl, .csv, .parquet, or 'builtin:parti' (PartiPrompts)."""
+    field: str = "prompt"
+    """Field / column holding the prompt in .jsonl/.csv/.parquet (matched case-insensitively)."""
+    shuffle: bool = True
+    """Deterministic shuffle by seed and epoch."""
+    max_prompts: int | None = None
+    """Use only the first N prompts (after de-duplication)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.path), f"{prefix}.path", "a prompt file or 'builtin:parti'", self.path)
+        _check(self.max_prompts is None or self.max_prompts >= 1, f"{prefix}.max_prompts",
+               "an integer >= 1 or unset", self.max_prompts)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 10_000
+    """Optimizer steps (paper: 10K)."""
+    batch_size: int = 4
+    """Prompts per device per micro-step (paper: 4)."""
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype for the frozen towers and the sampler; the text encoder keeps fp32 master weights."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    checkpointing_steps: int = 500
+    """Save a resumable checkpoint every N steps (and always at the end)."""
+    checkpoints_total_limit: int | None = 3
+    """Keep at most this many step checkpoints (oldest deleted first); None keeps all."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder, or 'latest' for the newest under output.dir/checkpoints."""
+    nan_guard: bool = True
+    """Skip an optimizer step whose loss or gradients are not finite (and log it) instead of corrupting weights."""
+    max_nan_skips: int = 20
+    """Abort after this many consecutive non-finite steps."""
+    progress_bar: bool = True
+
+    def validate(self, prefix: str) -> None:
+        for key in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps"):
+            value = getattr(self, key)
+            _check(value >= 1, f"{prefix}.{key}", "an integer >= 1", value)
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+               f"{prefix}.checkpoints_total_limit", "an integer >= 1 or unset", self.checkpoints_total_limit)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    """'auto' uses DDP when launched by torchrun/deepspeed (WORLD_SIZE > 1), else a single process."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage when backend='deepspeed'."""
+    timeout_s: int = 1800
+    """Collective/barrier timeout: a hung rank fails loudly instead of blocking forever."""
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    attention: Literal["sdpa", "default"] = "sdpa"
+    """UNet/VAE attention processor."""
+    channels_last: bool = False
+    """channels_last memory format for UNet/VAE (a GPU speed-up)."""
+    compile: bool = False
+    """torch.compile the UNet."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "outputs/run"
+    """Run folder: metrics.jsonl, checkpoints/, final text encoder."""
+    report_to: Literal["jsonl", "none"] = "jsonl"
+
+
+def _default_rewards() -> tuple[RewardConfig, ...]:
+    return (RewardConfig(),)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rewards: tuple[RewardConfig, ...] = field(default_factory=_default_rewards)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
+        for name in ("model", "sampler", "optim", "data", "train"):
+            getattr(self, name).validate(name)
+        for i, reward in enumerate(self.rewards):
+            reward.validate(f"rewards.{i}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# Spellings users already type in diffusers training scripts, mapped to ours.
+ALIASES: dict[str, str] = {
+    "train.learning_rate": "optim.lr",
+    "train.train_batch_size": "train.batch_size",
+    "train.max_train_steps": "train.steps",
+    "train.use_8bit_adam": "optim.name",  # value True -> "adamw8bit"
+    "train.gradient_checkpointing": "sampler.checkpoint",  # value True -> "step", False -> "none"
+    "output.output_dir": "output.dir",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with validation that names keys.
+# ----------------------------------------------------------------------------------------------------------
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "unset"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a TOML/override value to the annotated type or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a table of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr((prefix + '.' if prefix else '') + c) for c in close)}?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {valid})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML literal (numbers, bools, lists, strings); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_alias(path: list[str], value: Any) -> tuple[list[str], Any]:
+    key = ".".join(path)
+    if key not in ALIASES:
+        return path, value
+    target = ALIASES[key]
+    if key == "train.use_8bit_adam":
+        value = "adamw8bit" if value else "adamw"
+    elif key == "train.gradient_checkpointing":
+        value = "step" if value else "none"
+    return target.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, original: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{original}': '{part}' is not an index of the {len(node)}-entry list "
+                                  f"'{'.'.join(path[:i])}'")
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override '{original}': '{last}' is not an index of list '{'.'.join(path[:-1])}'")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form a.b=c (e.g. train.steps=3)")
+        key, text = item.split("=", 1)
+        path, value = _apply_alias(key.strip().split("."), _parse_value(text.strip()))
+        if path[0] == "rewards" and "rewards" not in tree:
+            tree["rewards"] = [dataclasses.asdict(r) for r in _default_rewards()]
+        _set_path(tree, path, value, item)
+    return tree
+
+
+def _normalise_aliases(tree: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite alias keys found in a TOML file (e.g. [train] learning_rate) to their canonical place."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for alias in ALIASES:
+        section, key = alias.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section].pop(key)
+            path, value = _apply_alias([section, key], value)
+            _set_path(out, path, value, alias)
+    return out
+
+
+def config_from_dict(tree: Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    data = apply_overrides(_normalise_aliases(dict(tree)), overrides)
+    cfg = _build(TrainConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a TOML config (or the defaults when path is None) and apply 'a.b=c' overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist (pass a TOML file, e.g. configs/tiny_random.toml)")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+    return config_from_dict(tree, overrides)
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """Serialise a config back to TOML (for saving beside checkpoints)."""
+    plain = cfg.to_dict()
+    lines: list[str] = []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    for key, value in plain.items():
+        if not isinstance(value, (Mapping, list)):
+            lines.append(f"{key} = {fmt(value)}")
+    for key, value in plain.items():
+        if isinstance(value, Mapping):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {fmt(v)}" for k, v in value.items()]
+        elif isinstance(value, list):
+            for entry in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {fmt(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
