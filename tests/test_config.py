@@ -1,0 +1,70 @@
+import pytest
+
+from textcraftor_fast.config import ConfigError, TrainConfig, load_config, to_toml, config_from_dict
+import tomllib
+
+TINY = ["model.kind=tiny_random"]  # the default kind (pretrained) needs a model.path
+
+
+def test_defaults_are_the_papers():
+    cfg = TrainConfig()
+    assert cfg.sampler.num_steps == 25 and cfg.sampler.eta == 0.0 and cfg.sampler.guidance_scale == 7.5
+    assert cfg.sampler.grad_steps == 5 and cfg.sampler.effective_switch_step == 20
+    assert cfg.sampler.timestep_spacing == "trailing"
+    assert cfg.optim.lr == 1e-6 and cfg.optim.weight_decay == 0.01 and cfg.optim.name == "adamw"
+    assert cfg.train.batch_size == 4
+
+
+def test_toml_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nsteps = 7\n[[rewards]]\nname = "brightness"\nweight = 2.0\n')
+    cfg = load_config(f, TINY + ["train.batch_size=3", "rewards.0.weight=0.5", 'output.dir="x/y"', "sampler.eta=0"])
+    assert cfg.train.steps == 7 and cfg.train.batch_size == 3
+    assert cfg.rewards[0].weight == 0.5 and cfg.output.dir == "x/y"
+    assert isinstance(cfg.sampler.eta, float)
+
+
+def test_bare_word_override_is_a_string():
+    assert load_config(None, TINY + ["sampler.checkpoint=none"]).sampler.checkpoint == "none"
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.stepz'.*'train\.steps'"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'samplr'"):
+        config_from_dict({"samplr": {}})
+
+
+def test_wrong_type_and_range_name_key_expected_got():
+    with pytest.raises(ConfigError, match=r"'train\.steps': expected int, got 'abc'"):
+        load_config(None, ['train.steps="abc"'])
+    with pytest.raises(ConfigError, match=r"'sampler\.grad_steps': expected an integer in \[1, num_steps=25\], got 30"):
+        load_config(None, TINY + ["sampler.grad_steps=30"])
+    with pytest.raises(ConfigError, match=r"'train\.mixed_precision': expected one of 'no', 'bf16', 'fp16', got 'fp8'"):
+        load_config(None, TINY + ["train.mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="a.b=c"):
+        load_config(None, ["train.steps"])
+
+
+def test_diffusers_spellings_are_accepted(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlearning_rate = 1e-5\nuse_8bit_adam = true\ngradient_checkpointing = false\n")
+    cfg = load_config(f, TINY + ["train.max_train_steps=9"])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.name == "adamw8bit"
+    assert cfg.sampler.checkpoint == "none" and cfg.train.steps == 9
+
+
+def test_round_trip_through_toml():
+    cfg = load_config("configs/tiny_random.toml")
+    again = config_from_dict(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+
+
+def test_missing_file_is_clear():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.toml")
+
+
+def test_pretrained_needs_a_path():
+    with pytest.raises(ConfigError, match=r"'model\.path'"):
+        load_config(None)

@@ -1,0 +1,147 @@
+"""`textcraftor-fast train|generate|export|demo`: the only place that configures logging.
+
+Bad input exits with status 2 and a one-line error (no traceback); `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+logger = logging.getLogger("textcraftor_fast")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Only rank 0 talks at INFO; other ranks only warn (one place for rank filtering).
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if (rank == 0 or verbose) else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append(f'train.resume_from_checkpoint="{args.resume}"')
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"text encoder: {result.text_encoder}")
+    return 0
+
+
+def _read_prompt_args(args: argparse.Namespace) -> list[str]:
+    from .data import load_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += load_prompts(args.prompts_file)
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import GenerateOptions, generate
+
+    cfg = load_config(args.config, list(args.set or []))
+    opts = GenerateOptions(num_steps=args.steps or cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+                           switch_step=args.switch_step, weight=args.weight, seed=args.seed)
+    paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
+                     cfg.train.device)
+    print(f"wrote {len(paths)} images to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .inference import load_text_encoder
+    from .models import export_text_encoder, load_components
+
+    cfg = load_config(args.config, list(args.set or []))
+    comp = load_components(cfg.model, seed=cfg.seed)
+    encoder = load_text_encoder(args.text_encoder, comp.text_encoder)
+    path = export_text_encoder(encoder, args.out, layout=args.layout)
+    print(f"exported: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .tiny.demo import run_demo
+    except ImportError as e:
+        raise ConfigError(f"the tiny-world demo is not available in this build: {e}") from None
+    cfg = load_config(args.config, list(args.set or []))
+    run_demo(cfg, out_dir=Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="textcraftor-fast", description=(
+        "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,export,demo}")
+
+    def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+        sp.add_argument("--config", required=config_required, help="TOML config file (e.g. configs/tiny.toml)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=3 (repeatable)")
+
+    t = sub.add_parser("train", help="fine-tune the text encoder")
+    common(t)
+    t.add_argument("--resume", metavar="PATH|latest", help="resume from a checkpoint folder or the latest one")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate images with tuned encoder(s): switch step, interpolation, mixing")
+    common(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="prompts file (.txt/.jsonl/.csv/.parquet)")
+    g.add_argument("--text-encoder", action="append", help="tuned encoder folder/checkpoint/.safetensors (repeatable)")
+    g.add_argument("--weights", type=float, nargs="+", help="one mixing weight per --text-encoder")
+    g.add_argument("--weight", type=float, default=1.0, help="interpolation w for a single encoder (default 1)")
+    g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
+    g.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="outputs/generate", help="output folder for PNGs")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("export", help="export a tuned text encoder (diffusers folder or original single-file keys)")
+    common(e)
+    e.add_argument("--text-encoder", required=True, help="tuned encoder folder/checkpoint/.safetensors")
+    e.add_argument("--layout", choices=["diffusers", "single_file"], default="diffusers")
+    e.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file (single_file)")
+    e.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("demo", help="the embedded tiny world: fine-tune, evaluate before/after, write images")
+    common(d, config_required=False)
+    d.set_defaults(config="configs/tiny.toml")
+    d.add_argument("--out", default="outputs/demo", help="output folder")
+    d.add_argument("--quick", action="store_true", help="a shortened run (smoke test)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        if args.debug:
+            raise
+        print(f"textcraftor-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

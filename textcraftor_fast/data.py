@@ -1,0 +1,163 @@
+"""Prompt sources (txt / jsonl / csv / parquet / built-in PartiPrompts), de-dup, sharding, resumable cursor.
+
+TextCraftor needs prompts only (no images). The loader is a deterministic, resumable stream: the epoch's
+order is a permutation drawn from (seed, epoch), each rank takes every world_size-th prompt of it, and
+the cursor (epoch, position) is all that a checkpoint must store to continue exactly where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = {"builtin:parti": "PartiPrompts.tsv"}
+
+
+def _column(header: list[str], field: str, path: Path) -> int:
+    lowered = [h.strip().lower() for h in header]
+    if field.lower() not in lowered:
+        raise ValueError(f"prompt file '{path}' has no column '{field}' (columns: {', '.join(header)}); "
+                         f"set data.field to one of them")
+    return lowered.index(field.lower())
+
+
+def _read_delimited(path: Path, field: str, delimiter: str) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter=delimiter))
+    if not rows:
+        return []
+    col = _column(rows[0], field, path)
+    return [r[col] if col < len(r) else "" for r in rows[1:]]
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"prompt file '{path}' line {lineno} is not valid JSON: {e}") from None
+            if isinstance(record, str):
+                out.append(record)
+            elif isinstance(record, dict) and field in record:
+                out.append(str(record[field]))
+            else:
+                raise ValueError(f"prompt file '{path}' line {lineno} has no field '{field}' "
+                                 f"(keys: {', '.join(record) if isinstance(record, dict) else type(record).__name__}); "
+                                 "set data.field")
+    return out
+
+
+def _read_parquet(path: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading .parquet prompts needs pyarrow: pip install 'textcraftor-fast[parquet]'") from None
+    table = pq.read_table(path)
+    col = _column(table.column_names, field, path)
+    return [str(v) if v is not None else "" for v in table.column(col).to_pylist()]
+
+
+def read_prompts(source: str, field: str = "prompt") -> list[str]:
+    """Read raw prompts (blank lines and duplicates still in) from a file or a built-in set."""
+    if source in BUILTIN:
+        text = resources.files("textcraftor_fast").joinpath("prompt_sets", BUILTIN[source]).read_text(encoding="utf-8")
+        rows = list(csv.reader(text.splitlines(), delimiter="\t"))
+        col = [h.lower() for h in rows[0]].index("prompt")
+        return [r[col] for r in rows[1:] if len(r) > col]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt source '{source}' does not exist; data.path must be a .txt/.jsonl/.csv/"
+                                f".parquet file or one of {', '.join(BUILTIN)}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8").splitlines()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, field)
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, field, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".parquet":
+        return _read_parquet(path, field)
+    raise ValueError(f"prompt source '{source}' has unsupported extension '{suffix}'; "
+                     "use .txt, .jsonl, .csv, .tsv or .parquet")
+
+
+def load_prompts(source: str, field: str = "prompt", max_prompts: int | None = None) -> list[str]:
+    """Read, strip, drop blanks and duplicates (first occurrence kept, order preserved), and log the counts."""
+    raw = read_prompts(source, field)
+    stripped = [p.strip() for p in raw]
+    nonblank = [p for p in stripped if p]
+    unique = list(dict.fromkeys(nonblank))
+    if max_prompts is not None:
+        unique = unique[:max_prompts]
+    logger.info("Prompts from %s: %d read, %d blank dropped, %d duplicates dropped, %d used",
+                source, len(raw), len(raw) - len(nonblank), len(nonblank) - len(dict.fromkeys(nonblank)),
+                len(unique))
+    if not unique:
+        raise ValueError(f"prompt source '{source}' holds no prompts (after dropping blank lines); "
+                         "give a file with at least one prompt")
+    return unique
+
+
+@dataclass
+class PromptStream:
+    """Endless, deterministic, sharded batches of prompts with a resumable cursor.
+
+    Every rank draws the same permutation for an epoch (from seed and epoch) and keeps positions
+    rank, rank + world, ...; so ranks never see the same prompt within an epoch.
+    """
+
+    prompts: list[str]
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) < self.world_size:
+            raise ValueError(f"{len(self.prompts)} prompts cannot be sharded over {self.world_size} ranks; "
+                             "give at least one prompt per rank")
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.prompts)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return order[self.rank::self.world_size]
+
+    def next_batch(self) -> list[str]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "num_prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_prompts", len(self.prompts)) != len(self.prompts):
+            logger.warning("Resuming with %d prompts but the checkpoint saw %d: the data order will differ",
+                           len(self.prompts), state["num_prompts"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)

@@ -1,0 +1,324 @@
+"""The TextCraftor training loop: build, train_step, train, state_dict/load_state_dict, close.
+
+Per optimizer step and micro-batch of prompts:
+  1. tokenize; embed with the frozen ORIGINAL encoder (no grad) and with the trainable encoder;
+  2. DDIM with CFG from x_T: early steps with no graph on the original embeddings, the last K with a
+     graph on the trainable ones, each UNet call checkpointed (sampler.py);
+  3. decode with the VAE (differentiable, checkpointed), score with the rewards;
+  4. loss = -sum_i w_i R_i; backward reaches only the text encoder (every other tower is frozen).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import checkpointing
+from .config import TrainConfig, to_toml
+from .data import PromptStream, load_prompts
+from .distributed import DistInfo, all_mean, average_gradients, barrier, init_distributed, shutdown
+from .monitor import embedding_monitor
+from .optim import build_optimizer, grads_finite, set_lr, warmup_factor
+from .rewards import build_rewards, freeze
+from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the last resumable checkpoint, the final encoder, and the metrics."""
+
+    checkpoint: Path
+    text_encoder: Path
+    output_dir: Path
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device='cpu' or 'auto'")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self._build()
+
+    # ------------------------------------------------------------------------------------------------ build
+    def _build(self) -> None:
+        from .models import load_components
+
+        cfg = self.cfg
+        requested = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.dist = init_distributed(cfg.distributed, requested)
+        self.device = _pick_device(cfg.train.device, self.dist)
+        self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
+        self.output_dir = Path(cfg.output.dir)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+
+        comp = load_components(cfg.model, seed=cfg.seed)
+        self.tokenizer = comp.tokenizer
+        frozen_dtype = self.amp_dtype if cfg.train.mixed_precision != "no" else torch.float32
+        # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only
+        # cost memory and a cast per call.
+        self.unet = freeze(comp.unet).to(self.device, frozen_dtype)
+        self.vae = freeze(comp.vae).to(self.device, frozen_dtype)
+        self.text_encoder = comp.text_encoder.to(self.device, torch.float32).train()
+        self.text_encoder.requires_grad_(True)
+        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(frozen_dtype)
+        self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
+                                      cfg.sampler.timestep_spacing)
+        self.latent_channels = self.unet.config.in_channels
+        self.latent_size = cfg.model.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
+        self.rewards = build_rewards(cfg.rewards, self.device).to(self.device)
+
+        prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts)
+        self.probe_prompts = prompts[:16]
+        self.stream = PromptStream(prompts, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
+                                   self.dist.rank, self.dist.world_size)
+        self.params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.text_encoder, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.mixed_precision == "fp16")
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
+        self.py_random = random.Random(cfg.seed + self.dist.rank)
+        self.uncond_ids = self._tokenize([""])
+        with torch.no_grad():
+            self.frozen_uncond = self._encode(self.original_encoder, self.uncond_ids)
+        self._log_summary(len(prompts))
+
+    def _log_summary(self, num_prompts: int) -> None:
+        cfg, n_train = self.cfg, sum(p.numel() for p in self.params)
+        total_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.gradient_accumulation_steps
+        logger.info("***** Running TextCraftor *****")
+        logger.info("  Num prompts = %d", num_prompts)
+        logger.info("  Instantaneous batch size per device = %d", cfg.train.batch_size)
+        logger.info("  Total train batch size (w. parallel, distributed & accumulation) = %d", total_batch)
+        logger.info("  Gradient accumulation steps = %d", cfg.train.gradient_accumulation_steps)
+        logger.info("  Total optimization steps = %d", cfg.train.steps)
+        logger.info("  Trainable (text encoder) parameters = %s", f"{n_train:,}")
+        logger.info("  Sampler: DDIM %d steps %s (t=%s..%s), CFG %.2f, K=%d%s, switch step %d, checkpoint=%s",
+                    cfg.sampler.num_steps, cfg.sampler.timestep_spacing, self.schedule.timesteps[0],
+                    self.schedule.timesteps[-1], cfg.sampler.guidance_scale, cfg.sampler.grad_steps,
+                    " (random)" if cfg.sampler.random_grad_steps else "", cfg.sampler.effective_switch_step,
+                    cfg.sampler.checkpoint)
+        logger.info("  Device = %s, mixed precision = %s", self.device, cfg.train.mixed_precision)
+
+    # ------------------------------------------------------------------------------------------- step parts
+    def _tokenize(self, prompts: list[str]) -> Tensor:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return tok.input_ids.to(self.device)
+
+    @staticmethod
+    def _encode(encoder: torch.nn.Module, ids: Tensor) -> Tensor:
+        return encoder(ids)[0]  # (B, 77, D) last hidden state, what SD conditions on
+
+    def _autocast(self):
+        if self.cfg.train.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _grad_steps(self) -> int:
+        s = self.cfg.sampler
+        if s.draft_lv_samples > 0:
+            return 0  # DRaFT-LV: the whole chain runs without a graph, then one differentiable step per sample
+        return self.py_random.randint(1, s.grad_steps) if s.random_grad_steps else s.grad_steps
+
+    def _micro_step(self, prompts: list[str], k: int, scale: float) -> dict[str, float]:
+        s = self.cfg.sampler
+        ids = self._tokenize(prompts)
+        with torch.no_grad():
+            frozen = Embeddings(self._encode(self.original_encoder, ids), self.frozen_uncond)
+        with self._autocast():
+            cond = self._encode(self.text_encoder, ids)
+            uncond = self._encode(self.text_encoder, self.uncond_ids) if s.train_uncond else self.frozen_uncond
+            trainable = Embeddings(cond, uncond)
+            shape = (len(prompts), self.latent_channels, self.latent_size, self.latent_size)
+            x_T = torch.randn(shape, generator=self.generator, device=self.device)  # (B, 4, h, w)
+            noise_fn = lambda x: torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+            latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn)
+            if s.draft_lv_samples > 0:
+                latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator)
+                prompts = prompts * s.draft_lv_samples
+            images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
+            total, parts = self.rewards(images, prompts)
+        loss = -total.mean()
+        self.scaler.scale(loss * scale).backward()
+        metrics = {"loss": float(loss), "reward": float(total.mean())}
+        metrics.update({f"reward/{n}": float(r.mean()) for n, r in parts.items()})
+        return metrics
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (with gradient accumulation); returns its metrics."""
+        cfg = self.cfg.train
+        t0 = time.perf_counter()
+        k = self._grad_steps()
+        self.optimizer.zero_grad(set_to_none=True)
+        accum: dict[str, float] = {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            m = self._micro_step(self.stream.next_batch(), k, 1.0 / cfg.gradient_accumulation_steps)
+            for key, v in m.items():
+                accum[key] = accum.get(key, 0.0) + v / cfg.gradient_accumulation_steps
+        average_gradients(self.params, self.dist)
+        self.scaler.unscale_(self.optimizer)
+        finite = math.isfinite(accum["loss"]) and grads_finite(self.params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, self.cfg.optim.max_grad_norm or float("inf"))) if finite else float("nan")
+        set_lr(self.optimizer, self.cfg.optim.lr * warmup_factor(self.step, self.cfg.optim.warmup_steps))
+        skipped = cfg.nan_guard and not finite
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        metrics = {key: all_mean(v, self.dist, self.device) for key, v in accum.items()}
+        metrics.update(step=self.step + 1, k=k, grad_norm=grad_norm, skipped=int(skipped),
+                       lr=self.optimizer.param_groups[0]["lr"], s_per_step=time.perf_counter() - t0)
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "history_len": len(self.history)}
+
+    def rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                 "python": self.py_random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rng: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["generator"])
+            self.py_random.setstate(rng["python"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def save(self) -> Path:
+        path = checkpointing.checkpoints_dir(self.output_dir) / f"step-{self.step:06d}"
+        if self.dist.is_main:
+            path = checkpointing.save_checkpoint(
+                self.output_dir, self.step, self.text_encoder, self.optimizer, self.rng_state(),
+                self.state_dict(), to_toml(self.cfg), self.cfg.train.checkpoints_total_limit)
+        barrier(self.dist)
+        return path
+
+    def resume(self, spec: str) -> Path:
+        path = checkpointing.resolve_checkpoint(spec, self.output_dir)
+        state, rng = checkpointing.load_checkpoint(path, self.text_encoder, self.optimizer)
+        self.load_state_dict(state, rng)
+        self.history = self._read_history()[: state.get("history_len", self.step)]
+        logger.info("Resumed from %s at step %d", path, self.step)
+        return path
+
+    def _metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _read_history(self) -> list[dict[str, Any]]:
+        p = self._metrics_path()
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+    def _write_history(self) -> None:
+        if self.dist.is_main and self.cfg.output.report_to == "jsonl":
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._metrics_path().with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            tmp.replace(self._metrics_path())
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        logger.warning("Received signal %d: finishing this step, saving a checkpoint, then stopping", signum)
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.train
+        if cfg.resume_from_checkpoint:
+            self.resume(cfg.resume_from_checkpoint)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
+        last_ckpt: Path | None = None
+        nan_run = 0
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="textcraftor", unit="step",
+                   disable=not (cfg.progress_bar and self.dist.is_main), dynamic_ncols=True)
+        with self._signal_handlers():
+            while self.step < cfg.steps and self._stop_signal is None:
+                metrics = self.train_step()
+                self.step += 1
+                nan_run = nan_run + 1 if metrics["skipped"] else 0
+                if metrics["skipped"]:
+                    logger.warning("Step %d: non-finite loss or gradients, optimizer step skipped", self.step)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
+                                                     self.probe_prompts))
+                    self.history.append(metrics)
+                    self._write_history()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.4f}", s_step=f"{metrics['s_per_step']:.2f}")
+                if nan_run >= cfg.max_nan_skips:
+                    last_ckpt = self.save()
+                    raise RuntimeError(f"{nan_run} consecutive non-finite steps: stopping (last good weights saved "
+                                       f"at {last_ckpt}); lower optim.lr or use train.mixed_precision='bf16'")
+                if self.step % cfg.checkpointing_steps == 0:
+                    last_ckpt = self.save()
+        bar.close()
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
+            last_ckpt = self.save()
+        final = self.output_dir / "text_encoder"
+        if self.dist.is_main:
+            self.text_encoder.save_pretrained(final, safe_serialization=True)
+        return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history))
+
+    def close(self) -> None:
+        shutdown(self.dist)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune the text encoder as `config` says; returns the checkpoint, final encoder and metrics."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

