@@ -65,6 +65,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        self.output_dir = Path(cfg.output.dir)
+        # Resolve the resume target before building anything: a wrong path fails in milliseconds.
+        spec = cfg.train.resume_from_checkpoint
+        self._resume_from = checkpointing.resolve_checkpoint(spec, self.output_dir) if spec else None
         self._build()
 
     # ------------------------------------------------------------------------------------------------ build
@@ -76,19 +80,18 @@ class Trainer:
         self.dist = init_distributed(cfg.distributed, requested)
         self.device = _pick_device(cfg.train.device, self.dist)
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
-        self.output_dir = Path(cfg.output.dir)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
         comp = load_components(cfg.model, seed=cfg.seed)
         self.tokenizer = comp.tokenizer
-        frozen_dtype = self.amp_dtype if cfg.train.mixed_precision != "no" else torch.float32
         # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only
-        # cost memory and a cast per call.
-        self.unet = freeze(comp.unet).to(self.device, frozen_dtype)
-        self.vae = freeze(comp.vae).to(self.device, frozen_dtype)
-        self.text_encoder = comp.text_encoder.to(self.device, torch.float32).train()
+        # cost memory and a cast per call. The trainable encoder keeps fp32 master weights.
+        cast = {"dtype": self.amp_dtype} if cfg.train.mixed_precision != "no" else {}
+        self.unet = freeze(comp.unet).to(self.device, **cast)
+        self.vae = freeze(comp.vae).to(self.device, **cast)
+        self.text_encoder = comp.text_encoder.to(self.device).float().train()
         self.text_encoder.requires_grad_(True)
-        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(frozen_dtype)
+        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
@@ -167,8 +170,8 @@ class Trainer:
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         self.scaler.scale(loss * scale).backward()
-        metrics = {"loss": float(loss), "reward": float(total.mean())}
-        metrics.update({f"reward/{n}": float(r.mean()) for n, r in parts.items()})
+        metrics = {"loss": float(loss.detach()), "reward": float(total.detach().mean())}
+        metrics.update({f"reward/{n}": float(r.detach().mean()) for n, r in parts.items()})
         return metrics
 
     def train_step(self) -> dict[str, Any]:
@@ -230,8 +233,7 @@ class Trainer:
         barrier(self.dist)
         return path
 
-    def resume(self, spec: str) -> Path:
-        path = checkpointing.resolve_checkpoint(spec, self.output_dir)
+    def resume(self, path: Path) -> Path:
         state, rng = checkpointing.load_checkpoint(path, self.text_encoder, self.optimizer)
         self.load_state_dict(state, rng)
         self.history = self._read_history()[: state.get("history_len", self.step)]
@@ -275,8 +277,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        if cfg.resume_from_checkpoint:
-            self.resume(cfg.resume_from_checkpoint)
+        if self._resume_from is not None:
+            self.resume(self._resume_from)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
         last_ckpt: Path | None = None

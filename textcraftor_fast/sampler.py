@@ -12,7 +12,6 @@ re-written here with Python-float coefficients, which keeps it differentiable an
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -61,17 +60,19 @@ def make_schedule(scheduler_config: Mapping[str, Any], num_steps: int, eta: floa
         raise ValueError("scheduler config sets clip_sample/thresholding, which the differentiable sampler does not "
                          "support; set clip_sample=false and thresholding=false in the scheduler config")
     sched.set_timesteps(num_steps)
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod  # float32, as diffusers computes with it
     stride = sched.config.num_train_timesteps // num_steps
     steps = []
     for t in sched.timesteps.tolist():
         prev = t - stride
-        a_t = float(acp[t])
-        a_prev = float(acp[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
-        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = eta * math.sqrt(variance)
-        steps.append(DDIMStep(int(t), math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_prev),
-                              math.sqrt(max(1 - a_prev - std ** 2, 0.0)), std))
+        # Coefficients are computed in float32 exactly as DDIMScheduler.step does, then held as Python floats:
+        # a float32-exact scalar multiplies a float32 tensor bit-identically, so trajectories match diffusers.
+        a_t = acp[t]
+        a_prev = acp[prev] if prev >= 0 else sched.final_alpha_cumprod
+        variance = sched._get_variance(t, prev)
+        std = eta * variance ** 0.5
+        steps.append(DDIMStep(int(t), float(a_t ** 0.5), float((1 - a_t) ** 0.5), float(a_prev ** 0.5),
+                              float((1 - a_prev - std ** 2).clamp(min=0) ** 0.5), float(std)))
     return DDIMSchedule(tuple(steps), sched.config.prediction_type, float(sched.init_noise_sigma))
 
 

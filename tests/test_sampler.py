@@ -1,0 +1,137 @@
+"""The differentiable sampler against diffusers, and the checkpoint policies against the plain graph."""
+import dataclasses
+
+import pytest
+import torch
+
+from textcraftor_fast.config import SamplerConfig
+from textcraftor_fast.models import build_tiny_random
+from textcraftor_fast.rewards.simple import ColorfulnessReward
+from textcraftor_fast.sampler import Embeddings, decode_latents, guided_model_output, make_schedule, sample_latents
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    comp = build_tiny_random(seed=0)
+    for m in (comp.unet, comp.vae, comp.text_encoder):
+        m.eval().requires_grad_(False)
+    return comp
+
+
+def _embed(comp, prompts):
+    ids = comp.tokenizer(prompts, padding="max_length", max_length=comp.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return comp.text_encoder(ids)[0]
+
+
+def test_paper_timesteps():
+    # The official code's 25 steps are 999, 959, ..., 39 (= diffusers' "trailing" spacing).
+    assert make_schedule(SD15_SCHEDULER, 25).timesteps == list(range(999, 38, -40))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_no_grad_trajectory_equals_diffusers_ddim_loop(tiny, eta):
+    from diffusers import DDIMScheduler
+
+    cfg = SamplerConfig(num_steps=6, guidance_scale=7.5, eta=eta)
+    schedule = make_schedule(tiny.scheduler.config, cfg.num_steps, eta)
+    prompts = ["a red circle", "a blue square"]
+    emb = Embeddings(_embed(tiny, prompts), _embed(tiny, [""]))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noises = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(100 + i)) for i in range(6)]
+    it = iter(noises)
+    ours = sample_latents(tiny.unet, schedule, x_T, emb, None, cfg, noise_fn=lambda x: next(it))
+
+    sched = DDIMScheduler.from_config(tiny.scheduler.config, timestep_spacing="trailing")
+    sched.set_timesteps(cfg.num_steps)
+    x = x_T * sched.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            out = tiny.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb.uncond.expand(2, -1, -1),
+                                                                                 emb.cond])).sample
+            u, c = out.chunk(2)
+            x = sched.step(u + 7.5 * (c - u), t, x, eta=eta, variance_noise=noises[i] if eta > 0 else None).prev_sample
+    assert sched.timesteps.tolist() == schedule.timesteps
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=0)
+
+
+def _encoder_grad(tiny, cfg, k):
+    enc = tiny.text_encoder
+    enc.requires_grad_(True)
+    enc.zero_grad(set_to_none=True)
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        frozen = Embeddings(_embed(tiny, prompts), _embed(tiny, [""]))
+    trainable = Embeddings(_embed(tiny, prompts), _embed(tiny, [""]))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    lat = sample_latents(tiny.unet, make_schedule(tiny.scheduler.config, cfg.num_steps), x_T, frozen, trainable, cfg, k)
+    img = decode_latents(tiny.vae, lat, cfg.checkpoint_vae)
+    g_out = torch.randn(img.shape, generator=torch.Generator().manual_seed(4))  # random grad_output, not .sum()
+    (img * g_out).sum().backward()
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.requires_grad_(False)
+    return grads
+
+
+@pytest.mark.parametrize("policy,ckpt_vae", [("step", True), ("every_n", False), ("step", False)])
+def test_checkpointed_and_plain_give_the_same_encoder_gradient(tiny, policy, ckpt_vae):
+    base = SamplerConfig(num_steps=6, grad_steps=4, checkpoint="none", checkpoint_vae=False)
+    plain = _encoder_grad(tiny, base, 4)
+    ckpt = _encoder_grad(tiny, dataclasses.replace(base, checkpoint=policy, checkpoint_vae=ckpt_vae), 4)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    assert any(g.abs().max() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes saved for backward by fn(), counting each storage once."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def _step_bytes(tiny, policy, k):
+    cfg = SamplerConfig(num_steps=8, grad_steps=k, checkpoint=policy, checkpoint_vae=True)
+    schedule = make_schedule(tiny.scheduler.config, 8)
+    reward = ColorfulnessReward()
+    enc = tiny.text_encoder
+    enc.requires_grad_(True)
+    prompts = ["a red circle", "a blue square"]
+
+    def run():
+        with torch.no_grad():
+            frozen = Embeddings(_embed(tiny, prompts), _embed(tiny, [""]))
+        trainable = Embeddings(_embed(tiny, prompts), _embed(tiny, [""]))
+        x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        lat = sample_latents(tiny.unet, schedule, x_T, frozen, trainable, cfg, k)
+        return reward(decode_latents(tiny.vae, lat, True), prompts)
+
+    try:
+        return saved_bytes(run)
+    finally:
+        enc.requires_grad_(False)
+
+
+def test_saved_bytes_are_flat_in_k_with_checkpointing_and_linear_without(tiny):
+    ck = {k: _step_bytes(tiny, "step", k) for k in (1, 8)}
+    assert ck[8] < 1.05 * ck[1], ck
+    plain = {k: _step_bytes(tiny, "none", k) for k in (1, 2, 8)}
+    per_step = plain[2] - plain[1]
+    assert per_step > 0.5 * (ck[1])  # one UNet call's activations are a big share of a step
+    # linear: 8 steps keep about 7 more steps' worth than 1 step does
+    assert abs((plain[8] - plain[1]) - 7 * per_step) < 0.1 * 7 * per_step, plain
