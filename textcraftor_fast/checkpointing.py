@@ -62,7 +62,9 @@ def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Mo
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    from .models import export_text_encoder
+
+    export_text_encoder(text_encoder, tmp / "text_encoder", layout="diffusers")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -82,10 +84,12 @@ def load_checkpoint(path: Path, text_encoder: torch.nn.Module, optimizer: torch.
     """Load weights (strict) and optimizer state in place; return (state, rng)."""
     from safetensors.torch import load_file
 
+    from .models.keymap import clip_state_dict_any_layout
+
     weights = path / "text_encoder" / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' has no text encoder weights at '{weights}'")
-    result = text_encoder.load_state_dict(load_file(str(weights)), strict=False)
+    result = text_encoder.load_state_dict(clip_state_dict_any_layout(load_file(str(weights))), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

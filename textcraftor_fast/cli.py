@@ -61,12 +61,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .inference import load_text_encoder
-    from .models import export_text_encoder, load_components
+    from .models import export_text_encoder, load_components, load_text_encoder
 
     cfg = load_config(args.config, list(args.set or []))
     comp = load_components(cfg.model, seed=cfg.seed)
-    encoder = load_text_encoder(args.text_encoder, comp.text_encoder)
+    encoder = load_text_encoder(args.text_encoder, config=comp.text_encoder.config)
     path = export_text_encoder(encoder, args.out, layout=args.layout)
     print(f"exported: {path}")
     return 0

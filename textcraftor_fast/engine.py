@@ -310,7 +310,9 @@ class Trainer:
             last_ckpt = self.save()
         final = self.output_dir / "text_encoder"
         if self.dist.is_main:
-            self.text_encoder.save_pretrained(final, safe_serialization=True)
+            from .models import export_text_encoder
+
+            export_text_encoder(self.text_encoder, final, layout="diffusers")
         return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history))
 
     def close(self) -> None:

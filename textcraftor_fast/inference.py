@@ -7,7 +7,6 @@ with weights (style mixing).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +31,6 @@ class GenerateOptions:
     """Interpolation w: e = w * e_tuned + (1 - w) * e_original."""
     seed: int = 0
     batch_size: int = 4
-
-
-def load_text_encoder(path: str | Path, like: nn.Module) -> nn.Module:
-    """A tuned encoder from a diffusers text_encoder folder, a checkpoint folder, or a .safetensors file."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if (p / "text_encoder").is_dir():  # a training checkpoint folder or a run's output dir
-        p = p / "text_encoder"
-    file = p / "model.safetensors" if p.is_dir() else p
-    if not file.is_file():
-        raise FileNotFoundError(f"tuned text encoder '{path}' not found: expected a folder with model.safetensors, "
-                                "a checkpoint folder, or a .safetensors file")
-    encoder = copy.deepcopy(like)
-    result = encoder.load_state_dict(load_file(str(file)), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"'{file}' does not match the model's text encoder: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    return encoder.eval().requires_grad_(False)
 
 
 def mix_embeddings(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -94,13 +74,13 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths."""
     from PIL import Image
 
-    from .models import load_components
+    from .models import load_components, load_text_encoder
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     comp = load_components(model, seed=0)
     original = comp.text_encoder.to(dev).eval()
-    tuned = [load_text_encoder(p, original).to(dev) for p in text_encoders]
+    tuned = [load_text_encoder(p, config=original.config).to(dev).eval() for p in text_encoders]
     if weights is None:
         weights = [opts.weight / max(len(tuned), 1)] * len(tuned)
     if len(weights) != len(tuned):
@@ -123,4 +103,4 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     return paths
 
 
-__all__ = ["GenerateOptions", "generate", "generate_images", "load_text_encoder", "mix_embeddings"]
+__all__ = ["GenerateOptions", "generate", "generate_images", "mix_embeddings"]

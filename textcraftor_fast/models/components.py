@@ -1,0 +1,31 @@
+"""The bundle of Stable Diffusion parts the engine trains with, and where the shipped SD1.5 configs live."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
+SD15_CONFIG_DIR = Path(__file__).parent / "sd15"
+"""Hand-written runwayml/stable-diffusion-v1-5 configs + the converted OpenAI CLIP tokenizer (no hub needed)."""
+
+COMPONENT_NAMES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class SDComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    """A CLIP tokenizer (any transformers tokenizer with `model_max_length`)."""
+    scheduler: DDIMScheduler
+    """Built from the model's scheduler config (SD1.5: scaled_linear betas 0.00085..0.012, 1000 steps)."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along a side: 8 for SD1.5, smaller for the tiny models (same rule as diffusers)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
