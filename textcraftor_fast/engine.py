@@ -96,7 +96,7 @@ class Trainer:
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = cfg.model.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
-        self.rewards = build_rewards(cfg.rewards, self.device).to(self.device)
+        self.rewards = build_rewards(cfg.rewards, self.device, **cast)
 
         prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts)
         self.probe_prompts = prompts[:16]
@@ -170,9 +170,8 @@ class Trainer:
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         self.scaler.scale(loss * scale).backward()
-        metrics = {"loss": float(loss.detach()), "reward": float(total.detach().mean())}
-        metrics.update({f"reward/{n}": float(r.detach().mean()) for n, r in parts.items()})
-        return metrics
+        return {"loss": float(loss.detach()), "reward": float(total.detach().mean()),
+                **self.rewards.metrics(total, parts)}
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (with gradient accumulation); returns its metrics."""

@@ -1,4 +1,11 @@
-"""Rewards: the protocol, the registry of built-in rewards (imported lazily), and `build_rewards`."""
+"""Rewards: the protocol, the registry of built-in rewards (imported lazily), and `build_rewards`.
+
+A config entry names a registered reward or a custom one as 'module:callable', where the callable is a
+`Reward` subclass (built with `from_config(spec, device, dtype)` when it has one, else with the entry's
+resize/clamp and `options`) or a factory `f(spec, **options)` returning a Reward, or any module/callable
+`g(pixels, prompts) -> (B,)` (wrapped in `CallableReward`: it sees the [0, 1] images unless it carries
+`input_size` / `mean` / `std` attributes, which then choose the resize and normalisation).
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,12 +15,18 @@ from typing import Sequence
 import torch
 
 from ..config import ConfigError, RewardConfig
-from .base import Reward, WeightedRewards, freeze, preprocess
+from .base import CallableReward, Reward, WeightedRewards, freeze, preprocess
 
 # name -> "module:attribute"; imported only when a config names it, so unused towers cost nothing.
 REWARDS: dict[str, str] = {
     "brightness": "textcraftor_fast.rewards.simple:BrightnessReward",
     "colorfulness": "textcraftor_fast.rewards.simple:ColorfulnessReward",
+    "aesthetic": "textcraftor_fast.rewards.aesthetic:AestheticReward",
+    "clip_score": "textcraftor_fast.rewards.clip_score:ClipScoreReward",
+    "pickscore": "textcraftor_fast.rewards.pickscore:PickScoreReward",
+    "hpsv2": "textcraftor_fast.rewards.hpsv2:HPSv2Reward",
+    "tiny_alignment": "textcraftor_fast.tiny.rewards:AlignmentReward",
+    "tiny_aesthetic": "textcraftor_fast.tiny.rewards:PaletteAestheticReward",
 }
 
 
@@ -47,11 +60,15 @@ def build_reward(spec: RewardConfig, device: torch.device | str = "cpu",
             reward = target.from_config(spec, device=device, dtype=dtype)
         else:
             reward = target(**common, **dict(spec.options))
-    else:
-        reward = target(spec, **dict(spec.options)) if callable(target) else None
+    elif callable(target):
+        reward = target(spec, **dict(spec.options))
         if not isinstance(reward, Reward):
-            raise ConfigError(f"reward '{spec.name}' must be a Reward subclass or a callable returning a Reward, "
-                              f"got {type(reward).__name__}")
+            if not callable(reward):
+                raise ConfigError(f"reward '{spec.name}': the factory returned {type(reward).__name__}; expected a "
+                                  "Reward, or a module/callable scoring (pixels, prompts) -> (B,)")
+            reward = CallableReward(reward, name=spec.name.rpartition(":")[2], **common)
+    else:
+        raise ConfigError(f"reward '{spec.name}' is a {type(target).__name__}, not a Reward subclass or a callable")
     return freeze(reward.to(device))
 
 
@@ -61,4 +78,5 @@ def build_rewards(specs: Sequence[RewardConfig], device: torch.device | str = "c
     return WeightedRewards(rewards, [s.weight for s in specs])
 
 
-__all__ = ["Reward", "WeightedRewards", "REWARDS", "build_reward", "build_rewards", "freeze", "preprocess"]
+__all__ = ["CallableReward", "Reward", "WeightedRewards", "REWARDS", "build_reward", "build_rewards", "freeze",
+           "preprocess"]

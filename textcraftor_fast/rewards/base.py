@@ -7,7 +7,8 @@ weight gradients).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import difflib
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,19 @@ def preprocess(images: Tensor, size: int | None, mean: Sequence[float] | None, s
         s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         x = (x - m) / s
     return x
+
+
+def reward_options(options: Mapping[str, Any], defaults: Mapping[str, Any], reward: str) -> dict[str, Any]:
+    """`defaults` updated with `options`; an unknown option is a ConfigError naming the close and valid ones."""
+    from ..config import ConfigError
+
+    unknown = [k for k in options if k not in defaults]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=2)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(f"reward '{reward}': unknown option(s) {', '.join(map(repr, unknown))}{hint}; "
+                          f"valid options: {', '.join(defaults) or 'none'}")
+    return {**defaults, **options}
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -83,6 +97,21 @@ class Reward(nn.Module):
         return super().train(False)
 
 
+class CallableReward(Reward):
+    """Wraps a custom scorer `fn(pixels, prompts) -> (B,)`; its `input_size`/`mean`/`std` attributes, when it
+    has them, choose the preprocessing (default: none, the scorer sees the [0, 1] images)."""
+
+    def __init__(self, fn: Any, name: str = "custom", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fn = fn  # an nn.Module here is registered, so it is frozen and moved with the reward
+        self.name = name
+        self.input_size = getattr(fn, "input_size", None)
+        self.mean, self.std = getattr(fn, "mean", None), getattr(fn, "std", None)
+
+    def score(self, pixels: Tensor, prompts: list[str]) -> Tensor:
+        return self.fn(pixels, prompts)
+
+
 class WeightedRewards(nn.Module):
     """total = sum_i w_i * R_i, with each R_i kept for per-reward metrics."""
 
@@ -93,6 +122,11 @@ class WeightedRewards(nn.Module):
         self.rewards = nn.ModuleList(rewards)
         self.weights = [float(w) for w in weights]
         self.names = list(names) if names is not None else _unique_names([r.name for r in rewards])
+        self.eval()
+
+    def train(self, mode: bool = True) -> "WeightedRewards":
+        # Frozen like its rewards: `model.train()` on a parent module must not switch dropout on in a tower.
+        return super().train(False)
 
     def forward(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         parts: dict[str, Tensor] = {}
@@ -102,6 +136,16 @@ class WeightedRewards(nn.Module):
             parts[name] = r
             total = total + weight * r
         return total, parts
+
+    def metrics(self, total: Tensor, parts: Mapping[str, Tensor]) -> dict[str, float]:
+        """Batch means for the log: 'reward/<name>' (raw R_i), 'reward/<name>/weighted' (w_i R_i), 'reward/total'."""
+        out = {"reward/total": float(total.detach().mean())}
+        for name, weight in zip(self.names, self.weights):
+            if name in parts:
+                mean = float(parts[name].detach().mean())
+                out[f"reward/{name}"] = mean
+                out[f"reward/{name}/weighted"] = weight * mean
+        return out
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Shipped reward weights (a package so setuptools installs the .pth and its LICENSE as package data)."""
