@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export OMP_NUM_THREADS ?= 2
+
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/textcraftor-fast demo --config configs/tiny.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-json=benchmarks/results/latest.json benchmarks

@@ -3,3 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# The test models are tiny: one intra-op thread is as fast as two, and with any other load on a 2-core box
+# OpenMP's spin-waiting makes a second thread 10-100x slower (measured: a tiny UNet call 0.025 s vs 2 s).
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
