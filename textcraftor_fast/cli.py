@@ -32,8 +32,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f'train.resume_from_checkpoint="{args.resume}"')
     cfg = load_config(args.config, overrides)
     result = train(cfg)
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"text encoder: {result.text_encoder}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"text encoder: {result.text_encoder}")
     return 0
 
 
