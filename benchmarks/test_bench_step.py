@@ -17,6 +17,7 @@ import torch
 
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
+from textcraftor_fast.memory import saved_tensor_bytes
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
@@ -34,15 +35,11 @@ def _trainer(tmp_path, official: bool) -> Trainer:
 
 
 def _saved_bytes(trainer: Trainer) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        trainer.train_step()
-    return sum(seen.values())
+    """Bytes the step's graph keeps for backward (forward only: recomputation during backward is transient)."""
+    nbytes, (loss, _) = saved_tensor_bytes(lambda: trainer.forward(["a red circle", "a blue square"], 5))
+    loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return nbytes
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from textcraftor_fast.config import SamplerConfig
+from textcraftor_fast.memory import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.rewards.simple import ColorfulnessReward
 from textcraftor_fast.sampler import Embeddings, decode_latents, guided_model_output, make_schedule, sample_latents
@@ -87,24 +88,6 @@ def test_checkpointed_and_plain_give_the_same_encoder_gradient(tiny, policy, ckp
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-5, rtol=0, msg=name)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes saved for backward by fn(), counting each storage once."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 def _step_bytes(tiny, policy, k):
     cfg = SamplerConfig(num_steps=8, grad_steps=k, checkpoint=policy, checkpoint_vae=True)
     schedule = make_schedule(tiny.scheduler.config, 8)
@@ -122,7 +105,7 @@ def _step_bytes(tiny, policy, k):
         return reward(decode_latents(tiny.vae, lat, True), prompts)
 
     try:
-        return saved_bytes(run)
+        return saved_tensor_bytes(run)[0]
     finally:
         enc.requires_grad_(False)
 

@@ -150,7 +150,8 @@ class Trainer:
             return 0  # DRaFT-LV: the whole chain runs without a graph, then one differentiable step per sample
         return self.py_random.randint(1, s.grad_steps) if s.random_grad_steps else s.grad_steps
 
-    def _micro_step(self, prompts: list[str], k: int, scale: float) -> dict[str, float]:
+    def forward(self, prompts: list[str], k: int) -> tuple[Tensor, dict[str, float]]:
+        """Build the step's graph: embeddings -> sampler (last k steps with grad) -> VAE -> rewards -> loss."""
         s = self.cfg.sampler
         ids = self._tokenize(prompts)
         with torch.no_grad():
@@ -169,9 +170,13 @@ class Trainer:
             images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
+        return loss, {"loss": float(loss.detach()), "reward": float(total.detach().mean()),
+                      **self.rewards.metrics(total, parts)}
+
+    def _micro_step(self, prompts: list[str], k: int, scale: float) -> dict[str, float]:
+        loss, metrics = self.forward(prompts, k)
         self.scaler.scale(loss * scale).backward()
-        return {"loss": float(loss.detach()), "reward": float(total.detach().mean()),
-                **self.rewards.metrics(total, parts)}
+        return metrics
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (with gradient accumulation); returns its metrics."""
