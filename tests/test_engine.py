@@ -105,3 +105,38 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("textcraftor-fast train: error: unknown config key 'train.stepz'") and "\n" not in err
     assert cli.main(["train", "--config", "missing.toml"]) == 2
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
+    train(cfg_for(tmp_path, "train.steps=1"))
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        train(cfg_for(tmp_path, "train.steps=1"))
+    assert (tmp_path / "checkpoints" / "step-000001").is_dir()
+    result = train(cfg_for(tmp_path, "train.steps=2", "output.overwrite=true"))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    assert [m["step"] for m in result.history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "textcraftor_fast.cli", "train", "--config", "configs/tiny_random.toml"]
+    for kv in FAST + [f"output.dir={tmp_path}", "train.steps=100000", "train.checkpointing_steps=100000"]:
+        cmd += ["--set", kv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    ckpt = tmp_path / "checkpoints" / f"step-{last:06d}"
+    assert ckpt.is_dir() and f"checkpoint: {ckpt}" in out

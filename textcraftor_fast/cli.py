@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, ImportError, RuntimeError) as e:
         if args.debug:
             raise
         print(f"textcraftor-fast {args.command}: error: {e}", file=sys.stderr)

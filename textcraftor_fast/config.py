@@ -214,6 +214,9 @@ class OutputConfig:
     dir: str = "outputs/run"
     """Run folder: metrics.jsonl, checkpoints/, final text encoder."""
     report_to: Literal["jsonl", "none"] = "jsonl"
+    overwrite: bool = False
+    """Start a fresh run in a folder that already holds checkpoints (deleting them). Off by default so a
+    forgotten --resume never destroys a run."""
 
 
 def _default_rewards() -> tuple[RewardConfig, ...]:

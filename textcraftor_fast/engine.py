@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,11 @@ class Trainer:
         # Resolve the resume target before building anything: a wrong path fails in milliseconds.
         spec = cfg.train.resume_from_checkpoint
         self._resume_from = checkpointing.resolve_checkpoint(spec, self.output_dir) if spec else None
+        existing = checkpointing.list_checkpoints(self.output_dir)
+        if self._resume_from is None and existing and not cfg.output.overwrite:
+            raise FileExistsError(f"output.dir '{self.output_dir}' already holds a run (latest checkpoint "
+                                  f"{existing[-1].name}); resume it with --resume latest, pick another output.dir, "
+                                  "or set output.overwrite=true to start over (deletes its checkpoints)")
         self._build()
 
     # ------------------------------------------------------------------------------------------------ build
@@ -283,6 +289,8 @@ class Trainer:
         cfg = self.cfg.train
         if self._resume_from is not None:
             self.resume(self._resume_from)
+        if self._resume_from is None and self.cfg.output.overwrite and self.dist.is_main:
+            shutil.rmtree(checkpointing.checkpoints_dir(self.output_dir), ignore_errors=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
         last_ckpt: Path | None = None
