@@ -28,7 +28,7 @@ from torch import Tensor
 from . import checkpointing
 from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
-from .distributed import DistInfo, all_mean, average_gradients, barrier, init_distributed, shutdown
+from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .monitor import embedding_monitor
 from .optim import build_optimizer, grads_finite, set_lr, warmup_factor
 from .rewards import build_rewards, freeze
@@ -50,14 +50,12 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _pick_device(name: str, info: DistInfo) -> torch.device:
+def _device_type(name: str) -> str:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device='cpu' or 'auto'")
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device='cpu' or 'auto'")
+    return name
 
 
 class Trainer:
@@ -82,9 +80,9 @@ class Trainer:
         from .models import load_components
 
         cfg = self.cfg
-        requested = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = init_distributed(cfg.distributed, requested)
-        self.device = _pick_device(cfg.train.device, self.dist)
+        device_type = _device_type(cfg.train.device)
+        self.dist = init_distributed(cfg.distributed, device_type)
+        self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
         torch.manual_seed(cfg.seed + self.dist.rank)
 
@@ -101,7 +99,7 @@ class Trainer:
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
-        self.latent_size = cfg.model.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
+        self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
 
         prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts)

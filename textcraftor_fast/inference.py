@@ -86,8 +86,8 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     if len(weights) != len(tuned):
         raise ValueError(f"{len(tuned)} tuned encoders but {len(weights)} weights; give one weight per encoder")
     schedule = make_schedule(comp.scheduler.config, opts.num_steps)
-    factor = 2 ** (len(comp.vae.config.block_out_channels) - 1)
-    shape = (comp.unet.config.in_channels, model.resolution // factor, model.resolution // factor)
+    side = model.resolution // comp.vae_scale_factor
+    shape = (comp.unet.config.in_channels, side, side)
     images = generate_images(comp.unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
                              tuned, weights, prompts, opts, shape, dev)
     out = Path(out_dir)
