@@ -22,6 +22,17 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers/diffusers print a progress bar per save/load and advice about optional packages on
+    # every model load; our own progress bar and log say what matters.
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
