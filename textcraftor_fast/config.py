@@ -145,7 +145,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "builtin:parti"
-    """Prompt source: .txt (one a line), .jsonl, .csv, .parquet, or 'builtin:parti' (PartiPrompts)."""
+    """Prompt source: .txt (one a line), .jsonl, .csv, .parquet, or 'builtin:parti' / 'builtin:tiny_world'."""
     field: str = "prompt"
     """Field / column holding the prompt in .jsonl/.csv/.parquet (matched case-insensitively)."""
     shuffle: bool = True

@@ -17,7 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = {"builtin:parti": "PartiPrompts.tsv"}
+# Built-in prompt sets shipped in the package (paths relative to it).
+BUILTIN = {"builtin:parti": "prompt_sets/PartiPrompts.tsv", "builtin:tiny_world": "tiny/prompts/train.txt"}
 
 
 def _column(header: list[str], field: str, path: Path) -> int:
@@ -70,12 +71,10 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
 def read_prompts(source: str, field: str = "prompt") -> list[str]:
     """Read raw prompts (blank lines and duplicates still in) from a file or a built-in set."""
-    if source in BUILTIN:
-        text = resources.files("textcraftor_fast").joinpath("prompt_sets", BUILTIN[source]).read_text(encoding="utf-8")
-        rows = list(csv.reader(text.splitlines(), delimiter="\t"))
-        col = [h.lower() for h in rows[0]].index("prompt")
-        return [r[col] for r in rows[1:] if len(r) > col]
     path = Path(source)
+    if source in BUILTIN:
+        path = Path(str(resources.files("textcraftor_fast").joinpath(BUILTIN[source])))
+        field = "prompt"
     if not path.is_file():
         raise FileNotFoundError(f"prompt source '{source}' does not exist; data.path must be a .txt/.jsonl/.csv/"
                                 f".parquet file or one of {', '.join(BUILTIN)}")

@@ -1,0 +1,36 @@
+"""`python -m textcraftor_fast.tiny.build` is deterministic and writes a loadable SD-layout folder (tiny budget)."""
+from __future__ import annotations
+
+import json
+
+from textcraftor_fast.tiny import build
+
+ARGS = ["--vae-steps", "2", "--judge-steps", "2", "--unet-steps", "2", "--n-images", "64", "--judge-images", "64",
+        "--eval-seeds", "0", "--threads", "1"]
+
+
+def _tensor_bytes(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            out[f"{f.relative_to(folder)}:{k}"] = v
+    return out
+
+
+def test_build_is_deterministic_and_loadable(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build.main(["--out", str(a), *ARGS])
+    build.main(["--out", str(b), *ARGS])
+    ta, tb = _tensor_bytes(a), _tensor_bytes(b)
+    assert ta.keys() == tb.keys() and len(ta) > 100
+    assert all(ta[k].equal(tb[k]) for k in ta)
+    index = json.loads((a / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["tokenizer"][1] == "CLIPTokenizer"
+
+    from textcraftor_fast.tiny.world import load_judge, load_tiny_world
+
+    comp = load_tiny_world(a)
+    assert comp.tokenizer.model_max_length == comp.text_encoder.config.max_position_embeddings == 16
+    assert set(load_judge(a).heads) == {"colour", "shape", "size", "background"}

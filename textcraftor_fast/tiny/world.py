@@ -1,0 +1,56 @@
+"""Load the shipped tiny world (or any folder `python -m textcraftor_fast.tiny.build` wrote) as SDComponents.
+
+The folder has SD1.5's diffusers layout, so `model.kind="pretrained", model.path=<folder>` loads it too;
+`model.kind="tiny_world"` is the shortcut to the weights committed in the package.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def weights_dir(folder: str | Path | None = None) -> Path:
+    """The world's folder (default: the shipped weights), checked to hold a built world."""
+    path = Path(folder) if folder else WEIGHTS_DIR
+    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "judge")
+               if not (path / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"tiny world folder '{path}' lacks {', '.join(missing)}/: build it with "
+                                f"`python -m textcraftor_fast.tiny.build --out {path}` (about 15 minutes on 2 cores)")
+    return path
+
+
+def load_tiny_world(folder: str | Path | None = None):
+    """SDComponents(unet, vae, text_encoder, tokenizer, scheduler) of the tiny world, frozen, in eval mode.
+
+    The engine decides which parts train (the text encoder); everything loads with requires_grad False.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ..models import SDComponents
+    from .tokenizer import load_tokenizer
+
+    path = weights_dir(folder)
+    comp = SDComponents(
+        unet=UNet2DConditionModel.from_pretrained(path / "unet"),
+        vae=AutoencoderKL.from_pretrained(path / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
+        tokenizer=load_tokenizer(path / "tokenizer"),
+        scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
+    )
+    for module in (comp.unet, comp.vae, comp.text_encoder):
+        module.eval().requires_grad_(False)
+    logger.info("Loaded the tiny world from %s", path)
+    return comp
+
+
+def load_judge(folder: str | Path | None = None):
+    """The world's judge CNN (frozen), the model behind the tiny-world rewards."""
+    from .build import load_judge as _load
+
+    return _load(weights_dir(folder) / "judge")
