@@ -23,13 +23,14 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers/diffusers print a progress bar per save/load and advice about optional packages on
-    # every model load; our own progress bar and log say what matters.
-    for name in ("transformers", "diffusers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # every model load; our own progress bar and log say what matters. Env vars, because both libraries
+    # (re)configure their loggers when first imported, which happens later.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
