@@ -256,11 +256,19 @@ class Trainer:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
     def _write_history(self) -> None:
+        """Rewrite metrics.jsonl from self.history (once per run: it drops lines past a resumed step)."""
         if self.dist.is_main and self.cfg.output.report_to == "jsonl":
             self.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = self._metrics_path().with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
             tmp.replace(self._metrics_path())
+
+    def _append_history(self, metrics: dict[str, Any]) -> None:
+        # One appended line per logged step: rewriting the file every step would be quadratic over a run.
+        self.history.append(metrics)
+        if self.dist.is_main and self.cfg.output.report_to == "jsonl":
+            with self._metrics_path().open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
 
     # ----------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -291,6 +299,7 @@ class Trainer:
             shutil.rmtree(checkpointing.checkpoints_dir(self.output_dir), ignore_errors=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
+        self._write_history()
         last_ckpt: Path | None = None
         nan_run = 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc="textcraftor", unit="step",
@@ -305,8 +314,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
                                                      self.probe_prompts))
-                    self.history.append(metrics)
-                    self._write_history()
+                    self._append_history(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.4f}", s_step=f"{metrics['s_per_step']:.2f}")
                 if nan_run >= cfg.max_nan_skips:
