@@ -11,7 +11,7 @@ from textcraftor_fast.rewards import REWARDS
 from textcraftor_fast.rewards.base import Reward
 
 FAST = ["sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1", "train.progress_bar=false",
-        "data.max_prompts=8"]
+        "data.max_prompts=8", "output.overwrite=false"]  # tests exercise the safe default
 
 
 def cfg_for(tmp_path, *extra):
