@@ -8,7 +8,7 @@ from textcraftor_fast.config import SamplerConfig
 from textcraftor_fast.memory import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.rewards.simple import ColorfulnessReward
-from textcraftor_fast.sampler import Embeddings, decode_latents, guided_model_output, make_schedule, sample_latents
+from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_latents
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")

@@ -15,8 +15,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig, SamplerConfig
-from .sampler import DDIMSchedule, Embeddings, decode_latents, make_schedule, sample_latents
+from .config import ModelConfig
+from .sampler import (DDIMSchedule, Embeddings, decode_latents, make_schedule, sample_latents,
+                      switch_sampling_config)
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
                         return_tensors="pt").input_ids.to(device)
         return enc(ids)[0]
 
-    sampler_cfg = SamplerConfig(num_steps=len(schedule.steps), guidance_scale=opts.guidance_scale, grad_steps=1,
-                                switch_step=min(opts.switch_step, len(schedule.steps) - 1))
+    sampler_cfg = switch_sampling_config(len(schedule.steps), opts.guidance_scale, opts.switch_step)
     g = torch.Generator(device).manual_seed(opts.seed)
     images = []
     for start in range(0, len(prompts), opts.batch_size):

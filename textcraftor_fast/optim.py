@@ -16,7 +16,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # No decay on biases and norm gains: the usual AdamW practice (the official code decays everything;
     # at lr 1e-6 the difference is negligible, but decaying LayerNorm gains is never what one wants).
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)

@@ -118,6 +118,12 @@ def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: int) -> SamplerConfig:
+    """Config for no-grad sampling (use with grad_steps=0) that switches embeddings at `switch_step`."""
+    return SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, grad_steps=1,
+                         switch_step=min(switch_step, num_steps - 1))
+
+
 def _should_checkpoint(policy: str, every: int, grad_index: int) -> bool:
     if policy == "none":
         return False

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..config import TrainConfig
 from . import data as D

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import SamplerConfig
-from ..sampler import Embeddings, decode_latents, make_schedule, sample_latents
+from ..sampler import Embeddings, decode_latents, make_schedule, sample_latents, switch_sampling_config
 from .models import LATENT_SIZE
 
 
@@ -32,8 +31,7 @@ def generate(unet, vae, scheduler_config, seeds: list[int], frozen: Embeddings, 
     """Images in [0, 1] (N, 3, 32, 32): steps before `switch_step` use `frozen` embeddings, the rest `tuned`
     (None: `frozen` throughout). cond rows are per sample (N, L, D); uncond is (1, L, D) or (N, L, D)."""
     schedule = make_schedule(scheduler_config, num_steps, 0.0, timestep_spacing)
-    cfg = SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, grad_steps=1,
-                        switch_step=min(switch_step, num_steps - 1))
+    cfg = switch_sampling_config(num_steps, guidance_scale, switch_step)
     out = []
     for i in range(0, len(seeds), batch_size):
         sl = slice(i, i + batch_size)
