@@ -6,6 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+# Triton kernels run on CPU tensors through Triton's interpreter; triton.jit reads this variable when a
+# kernel module is imported, so it must be set before any test imports textcraftor_fast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The test models are tiny: one intra-op thread is as fast as two, and with any other load on a 2-core box
 # OpenMP's spin-waiting makes a second thread 10-100x slower (measured: a tiny UNet call 0.025 s vs 2 s).
 if "OMP_NUM_THREADS" not in os.environ:
