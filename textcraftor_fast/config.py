@@ -201,6 +201,9 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class OpsConfig:
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Op implementations swapped into the UNet and VAE: 'triton' = fused GroupNorm+SiLU, flash attention and
+    GEGLU kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton on CUDA when installed, else torch."""
     attention: Literal["sdpa", "default"] = "sdpa"
     """UNet/VAE attention processor."""
     channels_last: bool = False

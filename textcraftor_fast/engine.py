@@ -30,6 +30,7 @@ from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .monitor import embedding_monitor
+from .ops import apply_ops
 from .optim import build_optimizer, grads_finite, set_lr, warmup_factor
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
@@ -96,6 +97,8 @@ class Trainer:
         self.text_encoder = comp.text_encoder.to(self.device).float().train()
         self.text_encoder.requires_grad_(True)
         self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
+        # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
+        self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device)
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
