@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # (name, Nq, Nk, D): self-attention at 64^2/32^2/16^2/8^2 latents, cross-attention to 77 text tokens, D = 64.
 SD15_ATTENTION = [("self64", 4096, 4096, 40), ("cross64", 4096, 77, 40), ("self32", 1024, 1024, 80),
                   ("self16", 256, 256, 160), ("self8", 64, 64, 160), ("self32_d64", 1024, 1024, 64)]
+OPS = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
 
@@ -60,8 +61,9 @@ def _bench_shape(impls: dict, name: str, nq: int, nk: int, d: int, batch: int, h
             for t in (q, k, v):
                 t.grad = None
         res = bench_fwd_bwd(lambda fn=fn: fn(q, k, v), [q, k, v], dout)
-        for op in ("fwd", "bwd", "fwd_bwd"):
-            rows.append(dict(fields, op=op, impl=impl, ms=res[f"{op}_ms"], peak_mb=res["peak_mb"]))
+        for op in OPS:
+            if res[f"{op}_ms"] is not None:
+                rows.append(dict(fields, op=op, impl=impl, ms=res[f"{op}_ms"], peak_mb=res["peak_mb"]))
     return rows
 
 
@@ -69,7 +71,7 @@ def _summary(rows: list[dict]) -> list[dict]:
     """Per shape and op: ours vs the fastest SDPA backend there (speedup > 1 = ours faster)."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        for op in ("fwd", "bwd", "fwd_bwd"):
+        for op in OPS:
             here = [r for r in rows if r["shape"] == shape and r["op"] == op]
             ours = next((r for r in here if r["impl"] == "ours"), None)
             sdpa = [r for r in here if r["impl"].startswith("sdpa_")]

@@ -1,7 +1,12 @@
 """Timing and memory helpers for the CUDA kernel benchmarks (benchmarks/gpu_*.py, run by run_gpu.py).
 
-Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up excluded); peak memory is
-``max_memory_allocated`` during one forward+backward minus what was allocated before it (inputs excluded).
+Two clocks, because SD1.5's ops at batch 1-2 are small enough that launch cost can dominate:
+- eager: ``triton.testing.do_bench`` medians (CUDA events around each call; it clears L2 before each call,
+  which also gives the CPU a head start of ~0.1 ms, so only host overhead beyond that shows). What a plain
+  PyTorch training loop pays, Python and launch overhead included.
+- graph: the same work captured once in a CUDA graph and replayed: GPU time alone, what the kernels cost
+  under CUDA graphs (or any loop whose host side runs ahead).
+Peak memory is ``max_memory_allocated`` during one forward+backward minus what was allocated before it.
 """
 from __future__ import annotations
 
@@ -14,16 +19,45 @@ from torch import Tensor
 def _median_ms(fn: Callable[[], object], grad_to_none: Sequence[Tensor] = ()) -> float:
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none), return_mode="median"))
+    return float(do_bench(fn, warmup=10, rep=40, grad_to_none=list(grad_to_none), return_mode="median"))
 
 
-def bench_fwd_bwd(fwd: Callable[[], Tensor], inputs: Sequence[Tensor], dout: Tensor) -> dict[str, float]:
-    """Forward, backward and forward+backward median ms, and the fwd+bwd peak MiB of one implementation."""
+def graph_ms(fn: Callable[[], object], inputs: Sequence[Tensor] = ()) -> float | None:
+    """Median ms of replaying ``fn`` captured in a CUDA graph; None if it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs documents
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for t in inputs:
+            t.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = _median_ms(graph.replay)
+        del graph
+        return ms
+    except Exception:  # a backend that cannot be captured: report no number rather than a wrong one
+        torch.cuda.synchronize()
+        return None
+    finally:
+        for t in inputs:
+            t.grad = None
+
+
+def bench_fwd_bwd(fwd: Callable[[], Tensor], inputs: Sequence[Tensor], dout: Tensor) -> dict[str, float | None]:
+    """One implementation: eager fwd / fwd without grad / bwd / fwd+bwd ms, graph-replay ms, peak MiB."""
     fwd_ms = _median_ms(fwd)
+    with torch.no_grad():
+        fwd_nograd_ms = _median_ms(fwd)
+        graph_fwd_nograd_ms = graph_ms(fwd)
     out = fwd()
     bwd_ms = _median_ms(lambda: out.backward(dout, retain_graph=True), inputs)
     del out
     full_ms = _median_ms(lambda: fwd().backward(dout), inputs)
+    graph_full_ms = graph_ms(lambda: fwd().backward(dout), inputs)
     for t in inputs:
         t.grad = None
     torch.cuda.synchronize()
@@ -34,14 +68,19 @@ def bench_fwd_bwd(fwd: Callable[[], Tensor], inputs: Sequence[Tensor], dout: Ten
     peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     for t in inputs:
         t.grad = None
-    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": full_ms, "peak_mb": peak_mb}
+    return {"fwd_ms": fwd_ms, "fwd_nograd_ms": fwd_nograd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": full_ms,
+            "graph_fwd_nograd_ms": graph_fwd_nograd_ms, "graph_fwd_bwd_ms": graph_full_ms, "peak_mb": peak_mb}
 
 
-def compare(rows: list[dict], ours: dict[str, float], base: dict[str, float], **fields) -> None:
+_TIMES = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd")
+
+
+def compare(rows: list[dict], ours: dict, base: dict, **fields) -> None:
     """Append one row: ours and the baseline side by side with speed-ups (>1 = ours faster) and memory."""
     row = dict(fields)
-    for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb"):
+    for key in (*(f"{t}_ms" for t in _TIMES), "peak_mb"):
         row[f"ours_{key}"], row[f"base_{key}"] = ours[key], base[key]
-    for key in ("fwd", "bwd", "fwd_bwd"):
-        row[f"speedup_{key}"] = base[f"{key}_ms"] / ours[f"{key}_ms"]
+    for t in _TIMES:
+        o, b = ours[f"{t}_ms"], base[f"{t}_ms"]
+        row[f"speedup_{t}"] = b / o if o and b else None
     rows.append(row)

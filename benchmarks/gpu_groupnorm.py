@@ -7,14 +7,14 @@ VAE are frozen in TextCraftor, so by default only x needs a gradient (``weight_g
 
     python -m benchmarks.gpu_groupnorm          # prints one row per (shape, dtype, format, op)
 
-~66 timed calls of ~0.15 s plus compiles: about 30 s on an H100.
+Every case also reports CUDA-graph replay times (GPU time alone) beside the eager ones; see gpu_common.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_common import bench_fwd_bwd
+from benchmarks.gpu_common import bench_fwd_bwd, compare
 
 GROUPS = 32
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 8, 8), (1, 128, 512, 512), (1, 512, 64, 64)]
@@ -39,22 +39,16 @@ def _case(shape, dtype, fmt, weight_grad) -> list[dict]:
     x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen).contiguous(memory_format=fmt)
     dy = torch.randn(shape, device="cuda", dtype=dtype, generator=gen).contiguous(memory_format=fmt)
     x.requires_grad_(True)
-    w = torch.ones(shape[1], device="cuda", dtype=dtype, requires_grad=weight_grad)
-    b = torch.zeros(shape[1], device="cuda", dtype=dtype, requires_grad=weight_grad)
+    # Random affine parameters (METHOD.md: never time on zeros/ones).
+    w = (1 + 0.5 * torch.randn(shape[1], device="cuda", generator=gen)).to(dtype).requires_grad_(weight_grad)
+    b = (0.5 * torch.randn(shape[1], device="cuda", generator=gen)).to(dtype).requires_grad_(weight_grad)
     inputs = [t for t in (x, w, b) if t.requires_grad]
     ours = bench_fwd_bwd(lambda: _ours(x, w, b), inputs, dy)
     ref = bench_fwd_bwd(lambda: _torch(x, w, b), inputs, dy)
-    fmt_name = "channels_last" if fmt == torch.channels_last else "contiguous"
-    rows = []
-    for op, key in (("fwd", "fwd_ms"), ("bwd", "bwd_ms"), ("fwd+bwd", "fwd_bwd_ms")):
-        full = op == "fwd+bwd"
-        rows.append({
-            "shape": tuple(shape), "dtype": str(dtype).removeprefix("torch."), "memory_format": fmt_name,
-            "weight_grad": weight_grad, "op": op, "ours_ms": round(ours[key], 4), "torch_ms": round(ref[key], 4),
-            "speedup": round(ref[key] / ours[key], 3),
-            "ours_peak_mb": round(ours["peak_mb"], 2) if full else None,
-            "torch_peak_mb": round(ref["peak_mb"], 2) if full else None,
-        })
+    rows: list[dict] = []
+    compare(rows, ours, ref, op="groupnorm+silu", baseline="torch eager", shape=str(tuple(shape)),
+            dtype=str(dtype).removeprefix("torch."),
+            memory_format="channels_last" if fmt == torch.channels_last else "contiguous", weight_grad=weight_grad)
     return rows
 
 
@@ -69,8 +63,5 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    keys = ["shape", "dtype", "memory_format", "weight_grad", "op", "ours_ms", "torch_ms", "speedup",
-            "ours_peak_mb", "torch_peak_mb"]
-    print(" | ".join(keys))
     for row in run():
-        print(" | ".join(str(row[k]) for k in keys))
+        print(row)

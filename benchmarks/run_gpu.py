@@ -21,20 +21,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` w
 
 
 def _suites(workdir: Path) -> dict:
-    from benchmarks import gpu_attention, gpu_geglu, gpu_groupnorm, gpu_step
+    from benchmarks import gpu_attention, gpu_attention_sweep, gpu_geglu, gpu_groupnorm, gpu_step
 
     return {"groupnorm": gpu_groupnorm.run, "attention": gpu_attention.run, "geglu": gpu_geglu.run,
-            "step": lambda: gpu_step.run(workdir)}
+            "sweep": gpu_attention_sweep.run, "step": lambda: gpu_step.run(workdir)}
+
+
+_SHOWN = ("shape", "memory_format", "weight_grad", "impl", "best_sdpa", "kernel", "tile", "op", "ms", "dtype")
 
 
 def _fmt(row: dict) -> str:
-    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+    """Identity fields, speed-ups and memory; the full row (every time) is in the JSON."""
+    keep = {k: v for k, v in row.items() if k in _SHOWN or "speedup" in k or "peak" in k or "cosine" in k
+            or "s_per_step" in k or k.endswith("_ops")}
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", default="groupnorm,attention,geglu,step")
+    ap.add_argument("--only", default="groupnorm,attention,geglu,sweep,step")
     args = ap.parse_args()
     import triton
 

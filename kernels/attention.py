@@ -25,6 +25,7 @@ offsets (N * row stride < 2^31); batch/head offsets are int64.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -32,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor, nn
+
+from ._host import cdiv, next_pow2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -274,9 +277,10 @@ class _Tiles(NamedTuple):
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 for 16-bit operands
+    return max(16, next_pow2(head_dim))  # tl.dot needs K >= 16 for 16-bit operands
 
 
+@functools.lru_cache(maxsize=64)
 def _default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> _Tiles:
     """Fixed per-head-dim tiles (no autotune: compile time matters more than the last few percent).
 
@@ -363,7 +367,7 @@ def _attn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, tiles: _Tiles) 
     if out.numel() == 0:
         return out, lse
     t = tiles.fwd
-    grid = (triton.cdiv(Nq, t.block_m) * B * H,)
+    grid = (cdiv(Nq, t.block_m) * B * H,)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         H, Nq, Nk, scale * _LOG2E,
@@ -375,12 +379,12 @@ def _attn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, tiles: _Tiles) 
 def _kv_splits(tiles: _Tiles, B: int, H: int, Nq: int, Nk: int, device: torch.device) -> int:
     """Query splits for dK/dV: cross-attention (Nk = 77) has one key block per head, so B*H programs would
     each loop over all 4096 queries on a few SMs; split the queries until ~2 waves fill the GPU."""
-    m_blocks = triton.cdiv(Nq, tiles.dkdv.block_m)
+    m_blocks = cdiv(Nq, tiles.dkdv.block_m)
     if tiles.kv_splits is not None:
         return max(1, min(tiles.kv_splits, m_blocks))
     if device.type != "cuda":
         return 1
-    programs = triton.cdiv(Nk, tiles.dkdv.block_n) * B * H
+    programs = cdiv(Nk, tiles.dkdv.block_n) * B * H
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(m_blocks, 16, target // programs))
 
@@ -405,7 +409,7 @@ def _attn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
     delta = torch.empty_like(lse)
     pre_m = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m) * B * H,)](
+    _attn_bwd_preprocess_kernel[(cdiv(Nq, pre_m) * B * H,)](
         out, do, delta, *out.stride()[:3], *do.stride()[:3], H, Nq,
         HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
@@ -413,15 +417,15 @@ def _attn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     if need_dkdv:
         t = tiles.dkdv
         splits = _kv_splits(tiles, B, H, Nq, Nk, q.device)
-        m_per_split = triton.cdiv(triton.cdiv(Nq, t.block_m), splits) * t.block_m
-        splits = triton.cdiv(Nq, m_per_split)  # no empty split
+        m_per_split = cdiv(cdiv(Nq, t.block_m), splits) * t.block_m
+        splits = cdiv(Nq, m_per_split)  # no empty split
         if splits == 1:  # write the gradients directly: (1, B, H, Nk, D) views of the (B, Nk, H, D) buffers
             dk_out, dv_out = dk.unsqueeze(0), dv.unsqueeze(0)
         else:  # fp32 partials, summed below (small: only taken when Nk is short)
             dk_out = torch.empty((splits, B, Nk, H, D), device=q.device, dtype=torch.float32).transpose(2, 3)
             dv_out = torch.empty_like(dk_out)
         assert dk_out.stride() == dv_out.stride(), "the dK/dV kernel takes one set of strides for both"
-        _attn_bwd_dkdv_kernel[(splits * triton.cdiv(Nk, t.block_n) * B * H,)](
+        _attn_bwd_dkdv_kernel[(splits * cdiv(Nk, t.block_n) * B * H,)](
             q, k, v, do, lse, delta, dk_out, dv_out, *common, *dk_out.stride()[:4],
             H, Nq, Nk, scale * _LOG2E, scale, m_per_split,
             HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d,
@@ -432,7 +436,7 @@ def _attn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
     if need_dq:
         t = tiles.dq
-        _attn_bwd_dq_kernel[(triton.cdiv(Nq, t.block_m) * B * H,)](
+        _attn_bwd_dq_kernel[(cdiv(Nq, t.block_m) * B * H,)](
             q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3],
             H, Nq, Nk, scale * _LOG2E, scale,
             HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d,
@@ -481,7 +485,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale {scale} must be finite")
-    return FlashAttentionFunction.apply(q, k, v, scale, _tiles or _default_tiles(head_dim, q.dtype))
+    tiles = _tiles or _default_tiles(head_dim, q.dtype)
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _attn_forward(q, k, v, scale, tiles)[0]  # no graph to build: skip autograd.Function's overhead
+    return FlashAttentionFunction.apply(q, k, v, scale, tiles)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, upcast: bool = False) -> Tensor:

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from ._host import cdiv, next_pow2
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -88,7 +90,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _block(f_half: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(f_half, 16)), 1024)
+    block = min(next_pow2(max(f_half, 16)), 1024)
     return block, (4 if block <= 512 else 8)
 
 
@@ -100,7 +102,7 @@ def geglu_forward(h: Tensor) -> Tensor:
     out = torch.empty((m, f_half), device=h.device, dtype=h.dtype)
     if m and f_half:
         block, warps = _block(f_half)
-        _geglu_fwd_kernel[(m, triton.cdiv(f_half, block))](h2, out, h2.stride(0), f_half, BLOCK=block,
+        _geglu_fwd_kernel[(m, cdiv(f_half, block))](h2, out, h2.stride(0), f_half, BLOCK=block,
                                                            num_warps=warps)
     return out.view(*h.shape[:-1], f_half)
 
@@ -115,7 +117,7 @@ def geglu_backward(h: Tensor, dout: Tensor) -> Tensor:
     dh = torch.empty((m, 2 * f_half), device=h.device, dtype=h.dtype)
     if m and f_half:
         block, warps = _block(f_half)
-        _geglu_bwd_kernel[(m, triton.cdiv(f_half, block))](h2, d2, dh, h2.stride(0), d2.stride(0), f_half,
+        _geglu_bwd_kernel[(m, cdiv(f_half, block))](h2, d2, dh, h2.stride(0), d2.stride(0), f_half,
                                                            BLOCK=block, num_warps=warps)
     return dh.view(h.shape)
 
@@ -134,6 +136,8 @@ class GEGLUFunction(torch.autograd.Function):
 
 def geglu(h: Tensor) -> Tensor:
     """Functional fused GEGLU over a projection output ``h`` (..., 2F) -> (..., F)."""
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return geglu_forward(h)  # no graph to build: skip autograd.Function's overhead
     return GEGLUFunction.apply(h)
 
 

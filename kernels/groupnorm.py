@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from ._host import cdiv, next_pow2
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per register tile (BLOCK_C * BLOCK_S): 8 per thread at 8 warps
 _MIN_CHUNK, _MAX_CHUNK = 2048, 16384  # elements per program: enough work per program, enough programs per SM
@@ -334,23 +336,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)  # launchers call it on every op: cache the arithmetic per shape
 def _plan(n: int, g: int, cg: int, s: int, device: torch.device, chunk_s: int | None = None,
           block_s: int | None = None) -> _Plan:
     """Chunks of ~2k-16k elements, as many as give ~4 programs per SM (fewer when the tensor is small)."""
-    block_c = triton.next_power_of_2(cg)
+    block_c = next_pow2(cg)
     if block_s is None:
-        block_s = max(1, min(triton.next_power_of_2(s), _TILE // block_c))
+        block_s = max(1, min(next_pow2(s), _TILE // block_c))
     if chunk_s is None:
-        wanted = triton.cdiv(4 * _sm_count(device), n * g)  # chunks per group
-        elems = min(max(triton.cdiv(cg * s, wanted), _MIN_CHUNK), _MAX_CHUNK)
-        chunk_s = triton.cdiv(elems, cg)
-    chunk_s = max(chunk_s, triton.cdiv(s, _MAX_CHUNKS))
-    chunk_s = min(triton.cdiv(chunk_s, block_s), triton.cdiv(s, block_s)) * block_s
-    num_chunks = triton.cdiv(s, chunk_s)
+        wanted = cdiv(4 * _sm_count(device), n * g)  # chunks per group
+        elems = min(max(cdiv(cg * s, wanted), _MIN_CHUNK), _MAX_CHUNK)
+        chunk_s = cdiv(elems, cg)
+    chunk_s = max(chunk_s, cdiv(s, _MAX_CHUNKS))
+    chunk_s = min(cdiv(chunk_s, block_s), cdiv(s, block_s)) * block_s
+    num_chunks = cdiv(s, chunk_s)
     # flash-attention's rule: ~8 elements per thread (one 16-byte bf16 vector); the backward kernels then need
     # ~80-130 registers (measured with ptxas for sm_90 at BLOCK_C x BLOCK_S = 4x512, 16x128, 64x32).
     num_warps = min(max(block_c * block_s // 256, 1), 8)
-    return _Plan(block_c, block_s, chunk_s, num_chunks, triton.next_power_of_2(num_chunks), num_warps)
+    return _Plan(block_c, block_s, chunk_s, num_chunks, next_pow2(num_chunks), num_warps)
 
 
 def _interpreted() -> bool:
@@ -367,7 +370,7 @@ def _check_inputs(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tenso
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"group_norm: num_channels {c} is not divisible by num_groups {num_groups}; "
                          f"use a num_groups that divides {c}")
-    if triton.next_power_of_2(c // num_groups) > _MAX_GROUP_CHANNELS:
+    if next_pow2(c // num_groups) > _MAX_GROUP_CHANNELS:
         raise ValueError(f"group_norm: {c // num_groups} channels per group exceeds the kernel's limit "
                          f"{_MAX_GROUP_CHANNELS}; use more groups or ops.backend=torch")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -409,15 +412,17 @@ def _gn_forward(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor 
     """Returns (y, mean, rstd, x as the kernel read it: the tensor to save for backward)."""
     x = _ncs(x)
     n, c = x.shape[0], x.shape[1]
-    y = torch.empty_like(x)  # keeps x's memory format
-    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)  # keeps x's memory format (and strides: x is dense after _ncs)
+    stats = torch.empty((2, n, num_groups), device=x.device, dtype=torch.float32)
+    mean, rstd = stats[0], stats[1]  # one allocation: each torch call costs microseconds per op
     if x.numel() == 0:
         return y, mean, rstd, x
     s = x.numel() // (n * c)
     p = _plan(n, num_groups, c // num_groups, s, x.device, chunk_s, block_s)
-    xs, ys = _strides(x, "x"), _strides(y, "output")
-    part = torch.empty((n * num_groups, 3, p.num_chunks), device=x.device, dtype=torch.float32)
+    xs = _strides(x, "x")
+    ys = xs if y.stride() == x.stride() else _strides(y, "output")
+    part = (torch.empty((n * num_groups, 3, p.num_chunks), device=x.device, dtype=torch.float32)
+            if p.num_chunks > 1 else stats)  # the single-chunk kernel never reads partials
     grid = (n * num_groups, p.num_chunks)
     common = (s, num_groups, p.num_chunks, p.chunk_s, p.tiles)
     if p.num_chunks > 1:
@@ -503,6 +508,10 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
     them to force several chunks per group on tiny shapes.
     """
     _check_inputs(x, num_groups, weight, bias)
+    if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)
+                                           or (bias is not None and bias.requires_grad)):
+        # No graph to build (the sampler's early steps, inference): skip autograd.Function's overhead.
+        return _gn_forward(x, int(num_groups), weight, bias, float(eps), bool(silu), _chunk_s, _block_s)[0]
     return _GroupNormFunction.apply(x, weight, bias, int(num_groups), float(eps), bool(silu), _chunk_s, _block_s)
 
 

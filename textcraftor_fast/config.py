@@ -202,10 +202,11 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class OpsConfig:
     backend: Literal["auto", "torch", "triton"] = "auto"
-    """Op implementations swapped into the UNet and VAE: 'triton' = fused GroupNorm+SiLU, flash attention and
-    GEGLU kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton on CUDA when installed, else torch."""
-    attention: Literal["sdpa", "default"] = "sdpa"
-    """UNet/VAE attention processor."""
+    """Op implementations swapped into the UNet and VAE: 'triton' = our fused GroupNorm+SiLU, GEGLU and flash
+    attention kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton GroupNorm+SiLU and GEGLU on CUDA when
+    Triton is installed, with attention left to SDPA (faster on H100, docs/kernels.md), and torch elsewhere."""
+    attention: Literal["auto", "sdpa", "triton"] = "auto"
+    """UNet/VAE attention: 'auto' = triton when backend='triton', else SDPA; 'sdpa' or 'triton' force one."""
     channels_last: bool = False
     """channels_last memory format for UNet/VAE (a GPU speed-up)."""
     compile: bool = False

@@ -98,7 +98,8 @@ class Trainer:
         self.text_encoder.requires_grad_(True)
         self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
-        self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device)
+        self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device,
+                                    cfg.ops.attention)
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels

@@ -5,10 +5,12 @@ Each swap is an explicit function that changes one kind of op in a model and ret
 modules keep their state_dict keys and SHARE the original parameters, so checkpoints, export and freezing
 are untouched; only forward (and its backward) changes.
 
-Backends:
+Backends (``ops.backend``):
   torch   stock PyTorch (diffusers' SDPA attention processor, nn.GroupNorm, eager GEGLU);
   triton  the kernels in ``textcraftor_fast.kernels`` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests);
-  auto    triton on CUDA when Triton is installed, else the best available elsewhere (torch today).
+  auto    on CUDA with Triton installed: Triton GroupNorm(+SiLU) and GEGLU, attention left to SDPA (its cuDNN
+          and flash backends beat our attention kernel on H100); elsewhere the best available (torch today).
+``ops.attention`` = sdpa | triton overrides the attention choice either way.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
+ATTENTION = ("auto", "sdpa", "triton")
 
 
 # ---------------------------------------------------------------------------------------------- backend
@@ -224,19 +227,35 @@ def swap_geglu(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- apply
-def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.device | str) -> dict[str, int]:
-    """Swap the chosen backend's ops into ``models`` (name -> module); returns the counts, logged in one line."""
+def _triton_attention(backend: str, chosen: str, attention: str, device: torch.device | str) -> bool:
+    if attention not in ATTENTION:
+        raise ValueError(f"ops.attention={attention!r} is not one of {', '.join(ATTENTION)}")
+    if attention == "triton":
+        resolve_backend("triton", device)  # same availability checks and errors as the backend
+        return True
+    # 'auto': our attention only when Triton was asked for by name. Under backend='auto' SDPA keeps it:
+    # cuDNN / flash attention beat our kernel on H100 (benchmarks/results, docs/kernels.md).
+    return attention == "auto" and backend == "triton" and chosen == "triton"
+
+
+def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.device | str,
+              attention: str = "auto") -> dict[str, int]:
+    """Swap the chosen ops into ``models`` (name -> module); returns the counts, logged in one line."""
     chosen = resolve_backend(backend, device)
+    use_attention = _triton_attention(backend, chosen, attention, device)
     counts = {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
-    if chosen == "triton":
-        for model in models.values():
+    for model in models.values():
+        if chosen == "triton":
             fused, plain = swap_groupnorm_silu(model)
             counts["GroupNorm+SiLU"] += fused
             counts["GroupNorm"] += plain
-            counts["attention"] += swap_attention(model)
             counts["GEGLU"] += swap_geglu(model)
+        if use_attention:
+            counts["attention"] += swap_attention(model)
+    if chosen == "triton" or use_attention:
         summary = ", ".join(f"{name} x{n}" for name, n in counts.items() if n)
-        logger.info("ops: triton %s (in %s)", summary or "nothing to swap", ", ".join(models))
+        sdpa = "" if use_attention else "; attention: SDPA"
+        logger.info("ops: triton %s (in %s)%s", summary or "nothing to swap", ", ".join(models), sdpa)
     else:
         why = " (requested)" if backend == "torch" else f" (auto: {torch.device(device).type} device)"
         logger.info("ops: torch%s", why)

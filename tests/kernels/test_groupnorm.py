@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tests.kernels.tolerance import assert_close_to_ref
 from textcraftor_fast.kernels.groupnorm import TritonGroupNorm, _plan, group_norm, group_norm_ref
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, the compiled kernels on GPU
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CL = torch.channels_last
 # (2, 6, 5, 6): 2 groups of 3 channels, S = 30; chunk 12 / tile 4 -> 3 chunks per group (the last one ragged:
@@ -49,7 +50,7 @@ def _compare(shape, dtype, groups, *, silu=True, affine=True, fmt=torch.contiguo
         dy32 = dy32.contiguous(memory_format=dy_fmt or fmt)
     w32 = gn.weight.detach() if affine else None
     b32 = gn.bias.detach() if affine else None
-    cast = (lambda t: t.to(dtype) if t is not None else None)
+    cast = (lambda t: t.to(DEVICE, dtype) if t is not None else None)
     x, w, b, dy = cast(x32), cast(w32), cast(b32), cast(dy32)
 
     def ours(x_, w_, b_):
@@ -142,9 +143,9 @@ def _saved(fn):
 @pytest.mark.parametrize("affine", [True, False])
 def test_saves_only_input_params_and_stats(affine):
     n, c, g = 2, 12, 4
-    x = torch.randn(n, c, 5, 6, dtype=torch.bfloat16, requires_grad=True).contiguous(memory_format=CL)
+    x = torch.randn(n, c, 5, 6, dtype=torch.bfloat16, device=DEVICE).contiguous(memory_format=CL).requires_grad_()
     x.retain_grad()
-    m = TritonGroupNorm(g, c, affine=affine, silu=True, dtype=torch.bfloat16)
+    m = TritonGroupNorm(g, c, affine=affine, silu=True, dtype=torch.bfloat16, device=DEVICE)
     nbytes, saved, out = _saved(lambda: m(x))
     expected = x.numel() * 2 + (2 * c * 2 if affine else 0) + 2 * n * g * 4  # x, w, b (bf16), mean, rstd (fp32)
     assert nbytes == expected, f"saved {nbytes} bytes, expected x + params + stats = {expected}"
@@ -157,15 +158,15 @@ def test_saves_only_input_params_and_stats(affine):
 
 
 def test_module_from_torch_shares_parameters():
-    gn = _torch_gn(12, 4, True).requires_grad_(False)
+    gn = _torch_gn(12, 4, True).requires_grad_(False).to(DEVICE)
     m = TritonGroupNorm.from_torch(gn, silu=True)
     assert m.weight is gn.weight and m.bias is gn.bias and not m.weight.requires_grad
     assert list(m.state_dict()) == list(gn.state_dict()) == ["weight", "bias"]
     assert (m.num_groups, m.num_channels, m.eps, m.affine, m.silu) == (4, 12, gn.eps, True, True)
     assert "silu=True" in repr(m)
-    x = torch.randn(2, 12, 4, 4)
+    x = torch.randn(2, 12, 4, 4, device=DEVICE)
     assert_close_to_ref("module y", m(x), F.silu(gn(x)))
-    fresh = TritonGroupNorm(4, 12)
+    fresh = TritonGroupNorm(4, 12, device=DEVICE)
     fresh.load_state_dict(gn.state_dict())
     assert torch.equal(fresh.weight, gn.weight)
     plain = TritonGroupNorm.from_torch(torch.nn.GroupNorm(4, 12, affine=False), silu=False)
