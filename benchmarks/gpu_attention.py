@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # (name, Nq, Nk, D): self-attention at 64^2/32^2/16^2/8^2 latents, cross-attention to 77 text tokens, D = 64.
 SD15_ATTENTION = [("self64", 4096, 4096, 40), ("cross64", 4096, 77, 40), ("self32", 1024, 1024, 80),
                   ("self16", 256, 256, 160), ("self8", 64, 64, 160), ("self32_d64", 1024, 1024, 64)]
-OPS = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd")
+OPS = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd", "loop_fwd_nograd", "loop_fwd_bwd")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
 

@@ -6,6 +6,8 @@ Two clocks, because SD1.5's ops at batch 1-2 are small enough that launch cost c
   PyTorch training loop pays, Python and launch overhead included.
 - graph: the same work captured once in a CUDA graph and replayed: GPU time alone, what the kernels cost
   under CUDA graphs (or any loop whose host side runs ahead).
+- loop: wall time per call over back-to-back calls with one synchronize at the end: the throughput of an op
+  repeated as a network repeats it, max(host time, GPU time) per call, where host overhead cannot hide.
 Peak memory is ``max_memory_allocated`` during one forward+backward minus what was allocated before it.
 """
 from __future__ import annotations
@@ -47,17 +49,36 @@ def graph_ms(fn: Callable[[], object], inputs: Sequence[Tensor] = ()) -> float |
             t.grad = None
 
 
+def loop_ms(fn: Callable[[], object], inputs: Sequence[Tensor] = (), calls: int = 200) -> float:
+    """Wall ms per call over ``calls`` back-to-back calls (one synchronize at the end)."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3 / calls
+    for t in inputs:
+        t.grad = None
+    return ms
+
+
 def bench_fwd_bwd(fwd: Callable[[], Tensor], inputs: Sequence[Tensor], dout: Tensor) -> dict[str, float | None]:
     """One implementation: eager fwd / fwd without grad / bwd / fwd+bwd ms, graph-replay ms, peak MiB."""
     fwd_ms = _median_ms(fwd)
     with torch.no_grad():
         fwd_nograd_ms = _median_ms(fwd)
         graph_fwd_nograd_ms = graph_ms(fwd)
+        loop_fwd_nograd_ms = loop_ms(fwd)
     out = fwd()
     bwd_ms = _median_ms(lambda: out.backward(dout, retain_graph=True), inputs)
     del out
     full_ms = _median_ms(lambda: fwd().backward(dout), inputs)
     graph_full_ms = graph_ms(lambda: fwd().backward(dout), inputs)
+    loop_full_ms = loop_ms(lambda: fwd().backward(dout), inputs)
     for t in inputs:
         t.grad = None
     torch.cuda.synchronize()
@@ -69,10 +90,12 @@ def bench_fwd_bwd(fwd: Callable[[], Tensor], inputs: Sequence[Tensor], dout: Ten
     for t in inputs:
         t.grad = None
     return {"fwd_ms": fwd_ms, "fwd_nograd_ms": fwd_nograd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": full_ms,
-            "graph_fwd_nograd_ms": graph_fwd_nograd_ms, "graph_fwd_bwd_ms": graph_full_ms, "peak_mb": peak_mb}
+            "graph_fwd_nograd_ms": graph_fwd_nograd_ms, "graph_fwd_bwd_ms": graph_full_ms,
+            "loop_fwd_nograd_ms": loop_fwd_nograd_ms, "loop_fwd_bwd_ms": loop_full_ms, "peak_mb": peak_mb}
 
 
-_TIMES = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd")
+_TIMES = ("fwd", "fwd_nograd", "bwd", "fwd_bwd", "graph_fwd_nograd", "graph_fwd_bwd", "loop_fwd_nograd",
+          "loop_fwd_bwd")
 
 
 def compare(rows: list[dict], ours: dict, base: dict, **fields) -> None:

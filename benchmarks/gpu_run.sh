@@ -14,4 +14,4 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMER
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 ${TESTS:-tests/kernels tests/test_ops.py} \
   > "$OUT/pytest-gpu.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest-gpu.log" | tail -15
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/run_gpu.py --out "$OUT" --only "${SUITES:-groupnorm,attention,geglu,sweep,step}"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/run_gpu.py --out "$OUT" --only "${SUITES:-groupnorm,attention,geglu,sweep,step,step4}"

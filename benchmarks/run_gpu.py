@@ -1,6 +1,6 @@
 """The prepared GPU run for the Triton kernels: kernel benchmarks vs torch/SDPA and one SD1.5 training step.
 
-  python benchmarks/run_gpu.py --out DIR [--only groupnorm,attention,geglu,step]
+  python benchmarks/run_gpu.py --out DIR [--only groupnorm,attention,geglu,sweep,step,step4]
 
 Writes DIR/kernels-<device>.json (device name, versions, every row) and prints a compact table. Each suite
 runs in its own try block, so one failure still leaves the others' numbers.
@@ -24,7 +24,8 @@ def _suites(workdir: Path) -> dict:
     from benchmarks import gpu_attention, gpu_attention_sweep, gpu_geglu, gpu_groupnorm, gpu_step
 
     return {"groupnorm": gpu_groupnorm.run, "attention": gpu_attention.run, "geglu": gpu_geglu.run,
-            "sweep": gpu_attention_sweep.run, "step": lambda: gpu_step.run(workdir)}
+            "sweep": gpu_attention_sweep.run, "step": lambda: gpu_step.run(workdir, batch=1),
+            "step4": lambda: gpu_step.run(workdir, batch=4, rounds=2, control=False)}
 
 
 _SHOWN = ("shape", "memory_format", "weight_grad", "impl", "best_sdpa", "kernel", "tile", "op", "ms", "dtype")
@@ -40,7 +41,7 @@ def _fmt(row: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", default="groupnorm,attention,geglu,sweep,step")
+    ap.add_argument("--only", default="groupnorm,attention,geglu,sweep,step,step4")
     args = ap.parse_args()
     import triton
 

@@ -285,18 +285,19 @@ def _default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> _Tiles
     """Fixed per-head-dim tiles (no autotune: compile time matters more than the last few percent).
 
     The fp32 accumulators (acc; dk + dv; dq) are BLOCK x BLOCK_D, so wider heads take smaller row blocks and
-    more warps. Picked so that an offline sm_90 compile (Triton 3.9, ptxas) shows no register spills, except
-    24 bytes in dq at BLOCK_D = 256; not yet tuned by timing on a GPU.
+    more warps. First picked from an offline sm_90 compile (registers, spills), then set from the timing
+    sweep on an H100 (benchmarks/gpu_attention_sweep.py, results in benchmarks/results/): backward at D=40
+    1.46 -> 1.00 ms with 4-warp tiles, D=160 forward 0.043 -> 0.019 ms and backward 0.34 -> 0.27 ms.
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units and spill at any tile: keep them small
         t = _Tile(32, 32, 8, 2) if block_d <= 64 else _Tile(16, 16, 4, 2)
         return _Tiles(fwd=t, dkdv=t, dq=t)
     if block_d <= 64:  # D = 40, 64 and the small test dims
-        return _Tiles(fwd=_Tile(128, 64, 4, 3), dkdv=_Tile(32, 128, 8, 3), dq=_Tile(128, 32, 8, 3))
+        return _Tiles(fwd=_Tile(128, 64, 4, 3), dkdv=_Tile(32, 128, 4, 3), dq=_Tile(128, 32, 4, 3))
     if block_d <= 128:  # D = 80
         return _Tiles(fwd=_Tile(128, 64, 8, 3), dkdv=_Tile(32, 64, 8, 2), dq=_Tile(64, 32, 4, 2))
-    return _Tiles(fwd=_Tile(64, 32, 8, 2), dkdv=_Tile(32, 32, 8, 2), dq=_Tile(16, 32, 8, 2))  # D = 160
+    return _Tiles(fwd=_Tile(64, 64, 8, 2), dkdv=_Tile(32, 64, 8, 2), dq=_Tile(32, 32, 8, 2))  # D = 160
 
 
 def _interpreting() -> bool:
