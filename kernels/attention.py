@@ -55,15 +55,23 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Nk, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax; MASK_N only for the ragged last block."""
+def _load_kv(k_base, v_base, stride_kn, stride_vn, start_n, Nk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) key and value block at start_n; rows past Nk and columns past HEAD_DIM read 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+    return offs_n, k, v
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, Nk, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax; MASK_N only for the ragged last block."""
+    offs_n, k, v = _load_kv(k_base, v_base, stride_kn, stride_vn, start_n, Nk, HEAD_DIM, BLOCK_N, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST, PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
@@ -204,11 +212,7 @@ def _attn_bwd_dkdv_kernel(
 def _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, Nk, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+    offs_n, k, v = _load_kv(k_base, v_base, stride_kn, stride_vn, start_n, Nk, HEAD_DIM, BLOCK_N, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST, PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK_N:  # padded keys have k = 0, so p = exp(-lse): finite only by luck, zero it

@@ -30,6 +30,16 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _load_halves(h_ptr, row, h_row, F_half, BLOCK: tl.constexpr):
+    """This program's columns of the row's two halves, a and g, in fp32."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F_half
+    a = tl.load(h_ptr + row * h_row + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(h_ptr + row * h_row + F_half + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, a, g
+
+
+@triton.jit
 def _geglu_fwd_kernel(
     h_ptr,  # (M, 2F) projection output; row stride h_row, last dim contiguous
     out_ptr,  # (M, F) contiguous
@@ -37,10 +47,7 @@ def _geglu_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F_half
-    a = tl.load(h_ptr + row * h_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(h_ptr + row * h_row + F_half + cols, mask=mask, other=0.0).to(tl.float32)
+    cols, mask, a, g = _load_halves(h_ptr, row, h_row, F_half, BLOCK)
     gelu = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     tl.store(out_ptr + row * F_half + cols, (a * gelu).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -54,10 +61,7 @@ def _geglu_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F_half
-    a = tl.load(h_ptr + row * h_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(h_ptr + row * h_row + F_half + cols, mask=mask, other=0.0).to(tl.float32)
+    cols, mask, a, g = _load_halves(h_ptr, row, h_row, F_half, BLOCK)
     dout = tl.load(dout_ptr + row * dout_row + cols, mask=mask, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
     pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327

@@ -13,6 +13,7 @@ from tests.kernels.tolerance import assert_close_to_ref
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.models.tiny import TINY_UNET, TINY_VAE
+from textcraftor_fast import ops
 from textcraftor_fast.ops import apply_ops, resolve_backend, swap_groupnorm_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +86,9 @@ def test_swaps_in_tiny_unet_and_vae_count_what_the_architecture_holds():
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in list(unet.modules()) + list(vae.modules()))
 
 
-def test_auto_keeps_sdpa_attention_and_explicit_choices_win():
+def test_auto_keeps_sdpa_attention_and_explicit_choices_win(monkeypatch):
+    monkeypatch.setattr(ops, "_cuda_capability", lambda device: (9, 0))  # a Hopper card, as measured
+
     def counts(backend, device, attention="auto"):
         torch.manual_seed(0)
         return apply_ops({"unet": UNet2DConditionModel(**TINY_UNET)}, backend, device, attention)
@@ -97,6 +100,8 @@ def test_auto_keeps_sdpa_attention_and_explicit_choices_win():
     assert counts("triton", DEVICE, "sdpa")["attention"] == 0
     assert counts("torch", DEVICE, "triton") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 8, "GEGLU": 0}
     assert counts("auto", "cpu") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
+    monkeypatch.setattr(ops, "_cuda_capability", lambda device: (7, 5))  # pre-Ampere: no bf16 kernels
+    assert counts("auto", "cuda") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
     with pytest.raises(ValueError, match="ops.attention='flash' is not one of auto, sdpa, triton"):
         counts("auto", "cpu", "flash")
 

@@ -203,8 +203,8 @@ class DistributedConfig:
 class OpsConfig:
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Op implementations swapped into the UNet and VAE: 'triton' = our fused GroupNorm+SiLU, GEGLU and flash
-    attention kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton GroupNorm+SiLU and GEGLU on CUDA when
-    Triton is installed, with attention left to SDPA (faster on H100, docs/kernels.md), and torch elsewhere."""
+    attention kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton GroupNorm+SiLU and GEGLU on an Ampere+ GPU
+    when Triton is installed, with attention left to SDPA (faster on H100, docs/kernels.md), else torch."""
     attention: Literal["auto", "sdpa", "triton"] = "auto"
     """UNet/VAE attention: 'auto' = triton when backend='triton', else SDPA; 'sdpa' or 'triton' force one."""
     channels_last: bool = False

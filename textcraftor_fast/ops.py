@@ -8,7 +8,7 @@ are untouched; only forward (and its backward) changes.
 Backends (``ops.backend``):
   torch   stock PyTorch (diffusers' SDPA attention processor, nn.GroupNorm, eager GEGLU);
   triton  the kernels in ``textcraftor_fast.kernels`` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests);
-  auto    on CUDA with Triton installed: Triton GroupNorm(+SiLU) and GEGLU, attention left to SDPA (its cuDNN
+  auto    on an Ampere+ GPU with Triton: Triton GroupNorm(+SiLU) and GEGLU, attention left to SDPA (its cuDNN
           and flash backends beat our attention kernel on H100); elsewhere the best available (torch today).
 ``ops.attention`` = sdpa | triton overrides the attention choice either way.
 """
@@ -34,13 +34,18 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def resolve_backend(requested: str, device: torch.device | str) -> str:
     """The backend that will run: ``requested`` unless 'auto'. An unusable explicit choice is a clear error."""
     device = torch.device(device)
     if requested not in BACKENDS:
         raise ValueError(f"ops.backend={requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        if device.type == "cuda" and _triton_installed():
+        # Ampere or newer: the kernels are bf16 throughout and were measured on Hopper (docs/kernels.md).
+        if device.type == "cuda" and _triton_installed() and _cuda_capability(device) >= (8, 0):
             return "triton"
         return "torch"
     if requested == "triton":
