@@ -109,6 +109,42 @@ def test_pickscore_folder_layout_loads_strictly_on_meta():
     assert model.config.vision_config.hidden_size == 1280 and model.config.text_config.num_hidden_layers == 24
 
 
+def _acts(model) -> set[str]:
+    cfg = model.config
+    configs = [cfg.vision_config, cfg.text_config] if hasattr(cfg, "vision_config") else [cfg]
+    return {c.hidden_act for c in configs}
+
+
+def _openai(sd: dict) -> dict:
+    """OpenAI's state dict layout: the same weights plus its three top-level non-weight entries."""
+    return {**sd, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+            "vocab_size": torch.tensor(49408)}
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+def test_activation_follows_the_checkpoint_format(with_text, tmp_path):
+    """OpenAI files -> QuickGELU, open_clip/LAION files -> GELU ('auto'); a named arch keeps its own; a
+    transformers folder keeps its config's. (The OpenAI marker is among the keys cleaning drops.)"""
+    from reward_fixtures import save_hf_clip
+    from textcraftor_fast.rewards.clip_tower import load_clip_tower
+
+    sd = random_openclip_state_dict(tiny_arch(), with_text=with_text)
+    kw = dict(vision_heads=2, text_heads=2)
+    assert _acts(openclip_model_from_state_dict(_openai(sd), "auto", with_text, "openai.pt", **kw)) == {"quick_gelu"}
+    assert _acts(openclip_model_from_state_dict(dict(sd), "auto", with_text, "laion.bin", **kw)) == {"gelu"}
+    forced = openclip_model_from_state_dict(_openai(sd), "auto", with_text, "openai.pt", quick_gelu=False, **kw)
+    assert _acts(forced) == {"gelu"}  # an explicit quick_gelu wins
+    # Named: OpenAI's ViT-L/14 is QuickGELU even as an open_clip re-save (no marker); LAION's ViT-H/14 is GELU.
+    big = {"ViT-L-14": "quick_gelu", "ViT-H-14": "gelu"}
+    for name, act in big.items():
+        meta = meta_openclip_state_dict(ARCHS[name], with_text)
+        assert _acts(openclip_model_from_state_dict(meta, name, with_text, name)) == {act}, name
+    for quick in (True, False):
+        folder = save_hf_clip(tmp_path / f"hf-{quick}", tiny_arch(quick_gelu=quick), None)
+        tower = load_clip_tower(folder, with_text=False)
+        assert _acts(tower.model) == {"quick_gelu" if quick else "gelu"}
+
+
 def test_aesthetic_backbone_is_openai_quickgelu():
     cfg = hf_clip_config(ARCHS["ViT-L-14"], with_text=False)
     assert (cfg.hidden_act, cfg.hidden_size, cfg.num_hidden_layers, cfg.projection_dim) == ("quick_gelu", 1024, 24, 768)

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .checkpoints import check_state_dict, load_strict, read_state_dict, require_path
-from .openclip_convert import (clean_openclip_state_dict, hf_clip_config, openclip_state_shapes,
-                               openclip_to_transformers, resolve_arch)
+from .openclip_convert import (clean_openclip_state_dict, hf_clip_config, is_openai_state_dict,
+                               openclip_state_shapes, openclip_to_transformers, resolve_arch)
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,9 @@ def openclip_model_from_state_dict(sd: dict[str, Tensor], arch_name: str, with_t
                                    text_heads: int | None = None) -> nn.Module:
     """A transformers CLIP model (built on meta, filled by assignment) from an open_clip-layout state dict,
     checked strictly against `arch_name` ('auto': inferred). Works on meta tensors too (architecture tests)."""
+    openai = is_openai_state_dict(sd)  # before cleaning: the marker is one of the keys it drops
     sd = clean_openclip_state_dict(sd, with_text)
-    arch = resolve_arch(arch_name, sd, with_text, quick_gelu, vision_heads, text_heads)
+    arch = resolve_arch(arch_name, sd, with_text, quick_gelu, vision_heads, text_heads, openai=openai)
     label = f"open_clip {arch.name}" + ("" if with_text else " image tower")
     # Check in open_clip's own key names first: they are the names the user's file holds.
     check_state_dict(openclip_state_shapes(arch, with_text), sd, source, label)

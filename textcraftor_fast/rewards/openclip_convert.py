@@ -159,12 +159,21 @@ def infer_arch(sd: Mapping[str, Tensor], with_text: bool = True, quick_gelu: boo
         quick_gelu=quick_gelu)
 
 
+def is_openai_state_dict(sd: Mapping[str, Tensor]) -> bool:
+    """OpenAI's CLIP state dicts carry a top-level `input_resolution` entry (open_clip's and LAION's do not).
+    Read it BEFORE `clean_openclip_state_dict`, which drops it with the other non-weight keys."""
+    return "input_resolution" in sd
+
+
 def resolve_arch(name: str, sd: Mapping[str, Tensor], with_text: bool, quick_gelu: bool | None = None,
-                 vision_heads: int | None = None, text_heads: int | None = None) -> OpenClipArch:
-    """A named architecture (checked strictly later) or 'auto' (inferred); `quick_gelu` None keeps the default
-    (the named arch's, or True for an OpenAI state dict, recognised by its `input_resolution` entry)."""
+                 vision_heads: int | None = None, text_heads: int | None = None,
+                 openai: bool | None = None) -> OpenClipArch:
+    """A named architecture (checked strictly later) or 'auto' (inferred); `quick_gelu` None keeps the default:
+    the named arch's own, or for 'auto' QuickGELU exactly when the file is OpenAI's (`openai`, which callers
+    read off the raw state dict with `is_openai_state_dict`; None reads it off `sd`)."""
     if name == "auto":
-        qg = ("input_resolution" in sd) if quick_gelu is None else quick_gelu
+        openai = is_openai_state_dict(sd) if openai is None else openai
+        qg = openai if quick_gelu is None else quick_gelu
         return infer_arch(sd, with_text, qg, vision_heads, text_heads)
     arch = get_arch(name)
     changes = {k: v for k, v in dict(quick_gelu=quick_gelu, vision_heads=vision_heads,
