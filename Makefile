@@ -27,7 +27,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/textcraftor-fast demo --config configs/tiny.toml
 
-test: $(STAMP)
+# The OpenAI BPE file the shipped tokenizer was converted from, as the open_clip_torch wheel carries it: the
+# tokenizer test rebuilds the shipped vocabulary from it (downloaded from the registry, never imported).
+OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
+
+$(OPEN_CLIP_WHEEL):
+	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
+
+test: $(STAMP) $(OPEN_CLIP_WHEEL)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
 
 bench: $(STAMP)

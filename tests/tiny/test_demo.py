@@ -19,7 +19,21 @@ def _check_table(table: dict) -> None:
         assert 0 <= row["before"] <= 1 and 0 <= row["after"] <= 1
     for row in table.values():
         assert all(math.isfinite(v) for v in row.values())
-        assert row["lo"] <= row["diff"] <= row["hi"] and row["half_width"] >= 0
+        # The paired mean difference is the difference of the two means (a property of the data written,
+        # not of how the interval was built).
+        assert row["diff"] == pytest.approx(row["after"] - row["before"], abs=1e-9)
+
+
+def test_paired_interval_by_hand():
+    import torch
+
+    from textcraftor_fast.tiny.evaluate import paired_diff
+
+    # after - before = [1, 0, 0, 1]: mean 0.5, sample sd sqrt(1/3), half-width 1.96 * sqrt(1/3) / 2 = 0.565803.
+    got = paired_diff(torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert got["diff"] == pytest.approx(0.5)
+    assert got["half_width"] == pytest.approx(0.565803, abs=1e-6)
+    assert (got["lo"], got["hi"]) == pytest.approx((0.5 - 0.565803, 0.5 + 0.565803), abs=1e-6)
 
 
 def test_quick_demo_end_to_end(tmp_path):
