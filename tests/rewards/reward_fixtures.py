@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from textcraftor_fast.rewards.openclip_convert import OpenClipArch, openclip_state_shapes  # noqa: E402
 
+# OpenAI CLIP's normalisation, literal from clip/clip.py `_transform` (the towers' expected preprocessing).
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
 VOCAB = 64  # 26 letters, 26 letters</w>, padding ids, then <|startoftext|>=62, <|endoftext|>=63 (the max id,
 # as 49407 is in the real vocabulary: open_clip pools at tokens.argmax())
 

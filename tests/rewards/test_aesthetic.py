@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward_fixtures import random_openclip_state_dict, save_hf_clip, tiny_arch
+from reward_fixtures import OPENAI_MEAN, OPENAI_STD, random_openclip_state_dict, save_hf_clip, tiny_arch
 from textcraftor_fast.config import ConfigError, RewardConfig
 from textcraftor_fast.rewards import build_reward
 from textcraftor_fast.rewards.aesthetic import DEFAULT_HEAD, AestheticMLP, load_aesthetic_head
@@ -74,8 +74,8 @@ def test_aesthetic_reward_end_to_end(tmp_path, images, layout):
     scores = reward(x, ["a", "b", "c"])
     assert scores.shape == (3,) and scores.dtype == torch.float32
     with torch.no_grad():  # the same numbers by hand: head(normalize(embedding of the resized, normalised image))
-        pix = (F.adaptive_avg_pool2d(images, 14) - torch.tensor(reward.mean).view(1, 3, 1, 1)) \
-            / torch.tensor(reward.std).view(1, 3, 1, 1)
+        pix = (F.adaptive_avg_pool2d(images, 14) - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) \
+            / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
         m = reward.tower.model
         emb = F.normalize(m.visual_projection(m.vision_model(pixel_values=pix).pooler_output), dim=-1)
         torch.testing.assert_close(scores, load_aesthetic_head()(emb).squeeze(-1))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reward_fixtures import PROMPTS, random_openclip_state_dict, save_hf_clip, tiny_arch
+from reward_fixtures import OPENAI_MEAN, OPENAI_STD, PROMPTS, random_openclip_state_dict, save_hf_clip, tiny_arch
 from textcraftor_fast.config import ConfigError, RewardConfig
 from textcraftor_fast.rewards import build_reward, build_rewards
 from textcraftor_fast.rewards.clip_tower import ClipTower
@@ -38,7 +38,7 @@ def openclip_bin(tmp_path):
 def test_clip_score_openclip_file(openclip_bin, tokenizer_dir, images):
     reward = build_reward(RewardConfig(name="clip_score", path=str(openclip_bin), options=_tiny_opts(tokenizer_dir)))
     scores = reward(images, PROMPTS)
-    img, txt = _expected_cosine(reward.tower, images, PROMPTS, reward.mean, reward.std)
+    img, txt = _expected_cosine(reward.tower, images, PROMPTS, OPENAI_MEAN, OPENAI_STD)
     torch.testing.assert_close(scores, 100 * (img * txt).sum(-1))
 
 
@@ -51,7 +51,7 @@ def test_clip_score_default_arch_is_vit_g(openclip_bin, tokenizer_dir):
 def test_clip_score_hf_folder_uses_its_own_tokenizer(tmp_path, tokenizer_dir, images):
     folder = save_hf_clip(tmp_path / "clip", tiny_arch(), tokenizer_dir)
     reward = build_reward(RewardConfig(name="clip_score", path=str(folder)))
-    img, txt = _expected_cosine(reward.tower, images, PROMPTS, reward.mean, reward.std)
+    img, txt = _expected_cosine(reward.tower, images, PROMPTS, OPENAI_MEAN, OPENAI_STD)
     torch.testing.assert_close(reward(images, PROMPTS), 100 * (img * txt).sum(-1))
 
 
@@ -60,7 +60,7 @@ def test_pickscore_hf_folder(tmp_path, tokenizer_dir, images, matrix_mean):
     folder = save_hf_clip(tmp_path / "pick", tiny_arch(), tokenizer_dir)
     reward = build_reward(RewardConfig(name="pickscore", path=str(folder),
                                        options={"official_matrix_mean": matrix_mean}))
-    img, txt = _expected_cosine(reward.tower, images, PROMPTS, reward.mean, reward.std)
+    img, txt = _expected_cosine(reward.tower, images, PROMPTS, OPENAI_MEAN, OPENAI_STD)
     scale = reward.tower.logit_scale.exp()
     assert float(scale) == pytest.approx(100.0, rel=1e-4)
     got = reward(images, PROMPTS)
@@ -76,7 +76,7 @@ def test_hpsv2_published_layout(tmp_path, tokenizer_dir, images):
     torch.save({"state_dict": sd}, tmp_path / "HPS_v2.1_compressed.pt")
     reward = build_reward(RewardConfig(name="hpsv2", weight=100.0, path=str(tmp_path / "HPS_v2.1_compressed.pt"),
                                        options=_tiny_opts(tokenizer_dir)))
-    img, txt = _expected_cosine(reward.tower, images, PROMPTS, reward.mean, reward.std)
+    img, txt = _expected_cosine(reward.tower, images, PROMPTS, OPENAI_MEAN, OPENAI_STD)
     torch.testing.assert_close(reward(images, PROMPTS), (img * txt).sum(-1))
 
 

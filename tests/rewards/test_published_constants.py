@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from reward_fixtures import OPENAI_MEAN, OPENAI_STD
 from textcraftor_fast.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from textcraftor_fast.rewards.clip_score import ClipScoreReward
 from textcraftor_fast.rewards.clip_tower import openclip_model_from_state_dict
@@ -23,8 +24,7 @@ from textcraftor_fast.rewards.pickscore import PickScoreReward
 
 
 def test_openai_normalisation_literals():
-    assert OPENAI_CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
-    assert OPENAI_CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) == (OPENAI_MEAN, OPENAI_STD)
 
 
 # name: (embed, image, patch, (vision width, layers, heads, head_dim, mlp), (text width, layers, heads, mlp), act)
