@@ -31,7 +31,7 @@ demo: $(STAMP)
 # tokenizer test rebuilds the shipped vocabulary from it (downloaded from the registry, never imported).
 OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 
-$(OPEN_CLIP_WHEEL):
+$(OPEN_CLIP_WHEEL): | $(BIN)/python
 	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
 test: $(STAMP) $(OPEN_CLIP_WHEEL)
