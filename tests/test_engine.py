@@ -55,7 +55,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     result = train(cfg_for(tmp_path, "train.steps=3", "train.checkpointing_steps=1", "train.checkpoints_total_limit=2"))
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step-000002", "step-000003"]  # no temporary folders left, oldest pruned
-    for name in ("optimizer.pt", "rng.pt", "state.json", "config.toml", "text_encoder/model.safetensors"):
+    for name in ("optimizer.pt", "rng.safetensors", "rng.json", "state.json", "config.toml", "manifest.json",
+                 "text_encoder/model.safetensors"):
         assert (result.checkpoint / name).is_file(), name
     assert json.loads((result.checkpoint / "state.json").read_text())["step"] == 3
     assert (tmp_path / "text_encoder" / "model.safetensors").is_file()

@@ -1,15 +1,22 @@
-"""Resumable checkpoints, written atomically: a run is never lost to a crash mid-save.
+"""Resumable checkpoints that survive crashes, power loss and files from strangers.
 
 A checkpoint is a folder `checkpoints/step-000123/` holding
   text_encoder/        the tuned encoder (diffusers layout: config.json + model.safetensors), drop-in
-  optimizer.pt         optimizer state
-  rng.pt               torch CPU/CUDA RNG and the sampler's generator state
-  state.json           step, data cursor, metrics offset
+  optimizer.pt         optimizer state (tensors and numbers only: loaded with weights_only=True)
+  rng.safetensors      torch CPU/CUDA RNG and the sampler generator's state
+  rng.json             Python's random state
+  state.json           step, data cursor, metrics offset, grad-scaler state
   config.toml          the config that produced it
-It is written under a temporary name and renamed into place, so a folder named step-* is always complete.
+  manifest.json        every other file's size and sha256, written last
+Writing: files go to a temporary folder, each is fsynced, the manifest last, the folder is fsynced and
+renamed into place and the parent fsynced, so a `step-*` folder exists only complete and on disk. Re-saving
+a step moves the old folder aside until the new one is in place. Loading: the manifest is checked first; a
+bad newest checkpoint makes `latest` fall back to the newest good one (with a warning naming the bad one
+and why); an explicit path that fails the check is an error. Nothing is unpickled beyond plain data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +30,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+# What a checkpoint must hold besides the manifest; anything missing makes it incomplete.
+REQUIRED = ("text_encoder/model.safetensors", "text_encoder/config.json", "optimizer.pt", "rng.safetensors",
+            "rng.json", "state.json", "config.toml")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupted or not a checkpoint at all."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -37,24 +52,109 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# ------------------------------------------------------------------------------------------- integrity
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+    entries = {}
+    for p in files:
+        _fsync(p)
+        entries[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": entries}, indent=1))
+    _fsync(folder / MANIFEST)
+    for d in {p.parent for p in files} | {folder}:
+        _fsync(d)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if `path` is a complete checkpoint whose files match its manifest, else what is wrong."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (incomplete, or not written by this version)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for rel in REQUIRED:
+        if rel not in entries:
+            return f"{MANIFEST} does not list {rel}"
+    for rel, meta in entries.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated or replaced)"
+        if _sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest (corrupted or modified)"
+    return None
+
+
 def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """'latest' -> newest step-* under output_dir/checkpoints; otherwise a checkpoint folder path."""
+    """'latest' -> the newest VALID step-* under output_dir/checkpoints; otherwise a checkpoint folder path,
+    which must pass `verify_checkpoint`."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume 'latest': no checkpoint under '{checkpoints_dir(output_dir)}'; "
                                     "train first or pass a checkpoint folder")
-        return found[-1]
+        for path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            logger.warning("resume 'latest': skipping %s: %s; trying the previous checkpoint", path, problem)
+        raise CheckpointError(f"resume 'latest': none of the {len(found)} checkpoints under "
+                              f"'{checkpoints_dir(output_dir)}' is intact (see the warnings above); "
+                              "start over with output.overwrite=true or restore a checkpoint")
     path = Path(spec)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"resume: '{path}' is not a checkpoint folder (expected {path}/state.json); pass a "
+    if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"resume: '{path}' is not a checkpoint folder (expected {path}/{MANIFEST}); pass a "
                                 f"folder like {checkpoints_dir(output_dir)}/step-000010 or 'latest'")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"resume: checkpoint '{path}' is not intact: {problem}; pass another checkpoint "
+                              "or 'latest' (which falls back to the newest intact one)")
     return path
+
+
+# ------------------------------------------------------------------------------------------- save / load
+def _save_rng(folder: Path, rng: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in rng.items() if torch.is_tensor(v)}, str(folder / "rng.safetensors"))
+    (folder / "rng.json").write_text(json.dumps({k: v for k, v in rng.items() if not torch.is_tensor(v)}))
+
+
+def _load_rng(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    rng: dict[str, Any] = dict(load_file(str(folder / "rng.safetensors")))
+    other = json.loads((folder / "rng.json").read_text())
+    if "python" in other:  # random.setstate wants tuples; JSON gave lists
+        version, internal, gauss = other.pop("python")
+        rng["python"] = (version, tuple(internal), gauss)
+    return {**rng, **other}
 
 
 def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, rng: dict[str, Any], state: dict[str, Any],
                     config_toml: str, keep: int | None) -> Path:
+    from .models import export_text_encoder
+
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -62,39 +162,57 @@ def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Mo
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    from .models import export_text_encoder
-
-    export_text_encoder(text_encoder, tmp / "text_encoder", layout="diffusers")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    (tmp / "config.toml").write_text(config_toml)
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        export_text_encoder(text_encoder, tmp / "text_encoder", layout="diffusers")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_rng(tmp, rng)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        (tmp / "config.toml").write_text(config_toml)
+        _write_manifest(tmp)  # last: a folder with a valid manifest is complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: the earlier checkpoints stay as they were
+        raise
+    old = root / f".old-step-{step:06d}-{os.getpid()}"
+    had_old = final.exists()
+    if had_old:  # re-saving a step: keep the old one until the new one is in place
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if had_old:
+            os.replace(old, final)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
     logger.info("Saved checkpoint %s", final)
     if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, text_encoder: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights (strict) and optimizer state in place; return (state, rng)."""
+    """Load weights (strict), optimizer and RNG state of a checkpoint that passed `resolve_checkpoint`."""
     from safetensors.torch import load_file
 
     from .models.keymap import clip_state_dict_any_layout
 
+    missing = [rel for rel in REQUIRED if not (path / rel).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}; an exact resume "
+                              "needs all of them")
     weights = path / "text_encoder" / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' has no text encoder weights at '{weights}'")
     result = text_encoder.load_state_dict(clip_state_dict_any_layout(load_file(str(weights))), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-    if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False) if (path / "rng.pt").is_file() else {}
+    if optimizer is not None:
+        try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' is not a plain optimizer state "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to load it") from None
     state = json.loads((path / "state.json").read_text())
-    return state, rng
+    return state, _load_rng(path)

@@ -217,7 +217,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.stream.state_dict(), "history_len": len(self.history)}
+        # The grad scaler's state (fp16) is a few floats and counters: JSON, so fp16 resumes are exact too.
+        return {"data": self.stream.state_dict(), "history_len": len(self.history),
+                "scaler": self.scaler.state_dict()}
 
     def rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
@@ -229,6 +231,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], rng: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if rng:
             torch.set_rng_state(rng["torch"])
             self.generator.set_state(rng["generator"])

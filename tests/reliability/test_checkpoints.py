@@ -1,0 +1,160 @@
+"""Checkpoint integrity: manifest, fallback of 'latest', corruption, truncation, strangers' pickles, failed saves."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import random
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from textcraftor_fast import checkpointing as ck
+from textcraftor_fast import load_config
+from textcraftor_fast.engine import train
+
+
+def _tiny_encoder() -> CLIPTextModel:
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
+def _save(out, step, enc=None):
+    enc = enc or _tiny_encoder()
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-3)
+    enc(torch.randint(0, 100, (1, 8)))[0].sum().backward()
+    opt.step()  # a non-empty optimizer state
+    rng = {"torch": torch.get_rng_state(), "generator": torch.Generator().manual_seed(3).get_state(),
+           "python": random.Random(5).getstate()}
+    return ck.save_checkpoint(out, step, enc, opt, rng, {"data": {"epoch": 0}}, "seed = 0\n", keep=None)
+
+
+def _hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+    path = _save(tmp_path, 1)
+    entries = json.loads((path / "manifest.json").read_text())["files"]
+    on_disk = _hashes(path)
+    on_disk.pop("manifest.json")
+    assert set(entries) == set(on_disk) and set(ck.REQUIRED) <= set(entries)
+    for rel, digest in on_disk.items():
+        assert entries[rel] == {"size": (path / rel).stat().st_size, "sha256": digest}
+    assert ck.verify_checkpoint(path) is None
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_rng_goes_through_safetensors_and_json_and_round_trips(tmp_path):
+    path = _save(tmp_path, 1)
+    assert not list(path.glob("*.pt")) or [p.name for p in path.glob("*.pt")] == ["optimizer.pt"]
+    _, rng = ck.load_checkpoint(path, _tiny_encoder(), None)
+    assert torch.equal(rng["generator"], torch.Generator().manual_seed(3).get_state())
+    r = random.Random()
+    r.setstate(rng["python"])
+    assert r.random() == random.Random(5).random()
+
+
+def test_truncated_newest_weights_make_latest_fall_back_with_a_warning(tmp_path, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    weights = newest / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.checkpointing"):
+        assert ck.resolve_checkpoint("latest", tmp_path).name == "step-000001"
+    assert "step-000002" in caplog.text and "text_encoder/model.safetensors" in caplog.text
+    with pytest.raises(ck.CheckpointError, match=r"step-000002.*not intact.*truncated"):
+        ck.resolve_checkpoint(str(newest), tmp_path)
+
+
+def test_one_flipped_byte_is_caught_by_the_manifest(tmp_path):
+    path = _save(tmp_path, 1)
+    f = path / "optimizer.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert "optimizer.pt does not match its sha256" in ck.verify_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match="none of the 1 checkpoints"):
+        ck.resolve_checkpoint("latest", tmp_path)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what unpickling would run
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
+    path = _save(tmp_path, 1)
+    marker = tmp_path / "pwned"
+    (path / "optimizer.pt").write_bytes(pickle.dumps({"state": _Evil(marker), "param_groups": []}))
+    ck._write_manifest(path)  # a consistent manifest: the file came from someone else, not from a bit flip
+    assert ck.verify_checkpoint(path) is None
+    with pytest.raises(ck.CheckpointError, match="not a plain optimizer state"):
+        enc = _tiny_encoder()
+        ck.load_checkpoint(path, enc, torch.optim.AdamW(enc.parameters()))
+    assert not marker.exists()
+
+
+def test_a_missing_file_makes_the_checkpoint_incomplete(tmp_path):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / "rng.json").unlink()
+    assert ck.verify_checkpoint(newest) == "rng.json is missing"
+    assert ck.resolve_checkpoint("latest", tmp_path).name == "step-000001"
+    with pytest.raises(ck.CheckpointError, match="incomplete: missing rng.json"):
+        ck.load_checkpoint(newest, _tiny_encoder(), None)
+
+
+def test_a_failed_save_leaves_earlier_checkpoints_untouched(tmp_path, monkeypatch):
+    first = _save(tmp_path, 1)
+    before = _hashes(first)
+    import textcraftor_fast.models as models
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "export_text_encoder", disk_full)
+    for step in (1, 2):  # re-saving the same step, and a new one
+        with pytest.raises(OSError, match="No space left"):
+            _save(tmp_path, step)
+    assert _hashes(first) == before and ck.verify_checkpoint(first) is None
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_a_resave_that_fails_at_the_rename_keeps_the_previous_version(tmp_path, monkeypatch):
+    first = _save(tmp_path, 1)
+    before = _hashes(first)
+    real = ck.os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(f"-{ck.os.getpid()}") and ".tmp-step-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        _save(tmp_path, 1, _tiny_encoder())
+    monkeypatch.setattr(ck.os, "replace", real)
+    assert _hashes(first) == before and ck.verify_checkpoint(first) is None
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_resume_latest_skips_a_corrupt_newest_and_continues(tmp_path, caplog):
+    base = ["sampler.num_steps=3", "sampler.grad_steps=1", "train.batch_size=1", "train.progress_bar=false",
+            "data.max_prompts=4", "train.checkpointing_steps=1", f'output.dir="{tmp_path}"']
+    train(load_config("configs/tiny_random.toml", base + ["train.steps=2", "output.overwrite=true"]))
+    weights = tmp_path / "checkpoints" / "step-000002" / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with caplog.at_level(logging.WARNING):
+        result = train(load_config("configs/tiny_random.toml",
+                                   base + ["train.steps=3", 'train.resume_from_checkpoint="latest"']))
+    assert "skipping" in caplog.text and "step-000002" in caplog.text
+    assert result.steps == 3 and [m["step"] for m in result.history] == [1, 2, 3]
+    assert ck.verify_checkpoint(result.checkpoint) is None
