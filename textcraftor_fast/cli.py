@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .config import ConfigError, load_config
 
 logger = logging.getLogger("textcraftor_fast")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, OSError, ValueError, ImportError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, ImportError, RuntimeError, SafetensorError) as e:
         if args.debug:
             raise
         print(f"textcraftor-fast {args.command}: error: {e}", file=sys.stderr)

@@ -152,6 +152,9 @@ class DataConfig:
     """Deterministic shuffle by seed and epoch."""
     max_prompts: int | None = None
     """Use only the first N prompts (after de-duplication)."""
+    on_bad_line: Literal["error", "skip"] = "error"
+    """A prompt-file line that is not UTF-8 text: 'error' stops with its file and line number; 'skip' drops it
+    (the skipped line numbers are reported in one warning)."""
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.path), f"{prefix}.path", "a prompt file or 'builtin:parti'", self.path)

@@ -29,33 +29,51 @@ def _column(header: list[str], field: str, path: Path) -> int:
     return lowered.index(field.lower())
 
 
-def _read_delimited(path: Path, field: str, delimiter: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
+def _text_lines(path: Path, on_bad_line: str) -> list[tuple[int, str]]:
+    """(line number, text) of every UTF-8 line; a line that does not decode is an error naming the file and
+    line (on_bad_line='error') or is dropped and reported once (on_bad_line='skip')."""
+    out, bad = [], []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            out.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            if on_bad_line != "skip":
+                raise ValueError(f"prompt file '{path}' line {lineno} is not UTF-8 text (byte {raw[e.start]:#04x} "
+                                 f"at column {e.start + 1}); re-save the file as UTF-8, or set "
+                                 "data.on_bad_line=skip to drop such lines") from None
+            bad.append(lineno)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        logger.warning("prompt file '%s': skipped %d line(s) that are not UTF-8 text (data.on_bad_line=skip): "
+                       "line %s", path, len(bad), shown)
+    return out
+
+
+def _read_delimited(path: Path, field: str, delimiter: str, on_bad_line: str) -> list[str]:
+    rows = list(csv.reader([text for _, text in _text_lines(path, on_bad_line)], delimiter=delimiter))
     if not rows:
         return []
     col = _column(rows[0], field, path)
     return [r[col] if col < len(r) else "" for r in rows[1:]]
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
+def _read_jsonl(path: Path, field: str, on_bad_line: str) -> list[str]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"prompt file '{path}' line {lineno} is not valid JSON: {e}") from None
-            if isinstance(record, str):
-                out.append(record)
-            elif isinstance(record, dict) and field in record:
-                out.append(str(record[field]))
-            else:
-                raise ValueError(f"prompt file '{path}' line {lineno} has no field '{field}' "
-                                 f"(keys: {', '.join(record) if isinstance(record, dict) else type(record).__name__}); "
-                                 "set data.field")
+    for lineno, line in _text_lines(path, on_bad_line):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompt file '{path}' line {lineno} is not valid JSON: {e}") from None
+        if isinstance(record, str):
+            out.append(record)
+        elif isinstance(record, dict) and field in record:
+            out.append(str(record[field]))
+        else:
+            raise ValueError(f"prompt file '{path}' line {lineno} has no field '{field}' "
+                             f"(keys: {', '.join(record) if isinstance(record, dict) else type(record).__name__}); "
+                             "set data.field")
     return out
 
 
@@ -69,7 +87,7 @@ def _read_parquet(path: Path, field: str) -> list[str]:
     return [str(v) if v is not None else "" for v in table.column(col).to_pylist()]
 
 
-def read_prompts(source: str, field: str = "prompt") -> list[str]:
+def read_prompts(source: str, field: str = "prompt", on_bad_line: str = "error") -> list[str]:
     """Read raw prompts (blank lines and duplicates still in) from a file or a built-in set."""
     path = Path(source)
     if source in BUILTIN:
@@ -80,20 +98,21 @@ def read_prompts(source: str, field: str = "prompt") -> list[str]:
                                 f".parquet file or one of {', '.join(BUILTIN)}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return path.read_text(encoding="utf-8").splitlines()
+        return [text for _, text in _text_lines(path, on_bad_line)]
     if suffix == ".jsonl":
-        return _read_jsonl(path, field)
+        return _read_jsonl(path, field, on_bad_line)
     if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, field, "\t" if suffix == ".tsv" else ",")
+        return _read_delimited(path, field, "\t" if suffix == ".tsv" else ",", on_bad_line)
     if suffix == ".parquet":
         return _read_parquet(path, field)
     raise ValueError(f"prompt source '{source}' has unsupported extension '{suffix}'; "
                      "use .txt, .jsonl, .csv, .tsv or .parquet")
 
 
-def load_prompts(source: str, field: str = "prompt", max_prompts: int | None = None) -> list[str]:
+def load_prompts(source: str, field: str = "prompt", max_prompts: int | None = None,
+                 on_bad_line: str = "error") -> list[str]:
     """Read, strip, drop blanks and duplicates (first occurrence kept, order preserved), and log the counts."""
-    raw = read_prompts(source, field)
+    raw = read_prompts(source, field, on_bad_line)
     stripped = [p.strip() for p in raw]
     nonblank = [p for p in stripped if p]
     unique = list(dict.fromkeys(nonblank))

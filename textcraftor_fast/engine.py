@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -59,6 +60,26 @@ def _device_type(name: str) -> str:
     return name
 
 
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output.dir '{folder}' cannot be created or written ({e.strerror or e}); choose another "
+                      "output.dir") from None
+
+
+def _warn_long_prompts(tokenizer, prompts: list[str]) -> None:
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    n_long = sum(n > limit for n in lengths)
+    if n_long:
+        logger.warning("%d of %d prompts are longer than %d tokens and are truncated to them (as SD's pipeline "
+                       "does); the longest has %d", n_long, len(prompts), limit, max(lengths))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -66,6 +87,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         self.output_dir = Path(cfg.output.dir)
+        _check_writable(self.output_dir)  # before any model loads: a bad output.dir fails in milliseconds
         # Resolve the resume target before building anything: a wrong path fails in milliseconds.
         spec = cfg.train.resume_from_checkpoint
         self._resume_from = checkpointing.resolve_checkpoint(spec, self.output_dir) if spec else None
@@ -106,7 +128,8 @@ class Trainer:
         self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
 
-        prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts)
+        prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts, cfg.data.on_bad_line)
+        _warn_long_prompts(self.tokenizer, prompts)
         self.probe_prompts = prompts[:16]
         self.stream = PromptStream(prompts, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
                                    self.dist.rank, self.dist.world_size)

@@ -34,6 +34,18 @@ StateDict = dict[str, torch.Tensor]
 # Reading files and strict loading
 # ---------------------------------------------------------------------------------------------------------
 
+def load_safetensors(path: str | Path) -> StateDict:
+    """A .safetensors file's tensors; a truncated or foreign file is a ValueError naming the path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"'{path}' is not a readable .safetensors file ({e}): it is truncated, corrupted or in "
+                         "another format; re-download or re-export it") from None
+
+
 def read_state_dict(path: str | Path) -> StateDict:
     """Tensors of a .safetensors or .ckpt file (a Lightning .ckpt's "state_dict" is unwrapped)."""
     path = Path(path)
@@ -41,9 +53,7 @@ def read_state_dict(path: str | Path) -> StateDict:
         raise FileNotFoundError(f"checkpoint '{path}' does not exist (expected a .safetensors or .ckpt file)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return load_safetensors(path)
     if suffix == ".ckpt":
         # weights_only: a .ckpt is a pickle and must not be able to run code when loaded.
         try:

@@ -48,8 +48,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if p.is_dir():
         raise ConfigError(f"checkpoint '{p}' is a folder; expected a .safetensors/.pt/.pth/.bin file")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd: Mapping = load_file(str(p))
+        from ..models.loading import load_safetensors
+        sd: Mapping = load_safetensors(p)
     elif _is_torchscript(p):
         sd = torch.jit.load(str(p), map_location="cpu").state_dict()
     else:
