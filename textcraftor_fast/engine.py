@@ -60,6 +60,31 @@ def _device_type(name: str) -> str:
     return name
 
 
+class _SpikeMonitor:
+    """Logs a loss more than `sigmas` running standard deviations from its running mean (after `warmup`
+    steps): a line to find the prompts that blew up, not an intervention."""
+
+    def __init__(self, decay: float = 0.95, sigmas: float = 6.0, warmup: int = 10) -> None:
+        self.decay, self.sigmas, self.warmup = decay, sigmas, warmup
+        self.mean, self.var, self.seen = 0.0, 0.0, 0
+
+    def check(self, step: int, loss: float, prompts: list[str]) -> bool:
+        spiked = False
+        if self.seen >= self.warmup:
+            std = math.sqrt(self.var)
+            if std > 0 and abs(loss - self.mean) > self.sigmas * std:
+                logger.warning("Step %d: loss spike %.4g (running mean %.4g, std %.3g); prompts: %s", step, loss,
+                               self.mean, std, prompts)
+                spiked = True
+        if self.seen == 0:
+            self.mean = loss
+        delta = loss - self.mean
+        self.mean += (1 - self.decay) * delta
+        self.var = self.decay * (self.var + (1 - self.decay) * delta * delta)
+        self.seen += 1
+        return spiked
+
+
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,8 +241,11 @@ class Trainer:
         k = self._grad_steps()
         self.optimizer.zero_grad(set_to_none=True)
         accum: dict[str, float] = {}
+        self.last_prompts: list[str] = []  # named in the log when this step is skipped or spikes
         for _ in range(cfg.gradient_accumulation_steps):
-            m = self._micro_step(self.stream.next_batch(), k, 1.0 / cfg.gradient_accumulation_steps)
+            batch = self.stream.next_batch()
+            self.last_prompts += batch
+            m = self._micro_step(batch, k, 1.0 / cfg.gradient_accumulation_steps)
             for key, v in m.items():
                 accum[key] = accum.get(key, 0.0) + v / cfg.gradient_accumulation_steps
         average_gradients(self.params, self.dist)
@@ -303,7 +331,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
-        logger.warning("Received signal %d: finishing this step, saving a checkpoint, then stopping", signum)
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            # A second Ctrl-C: stop now. A save in progress is abandoned in its temporary folder; the last
+            # complete checkpoint is untouched (checkpointing.py).
+            raise KeyboardInterrupt
+        logger.warning("Received signal %d: finishing this step, saving a checkpoint, then stopping (resume with "
+                       "--resume latest; press Ctrl-C again to stop at once without saving)", signum)
         self._stop_signal = signum
 
     @contextlib.contextmanager
@@ -333,6 +366,7 @@ class Trainer:
         self._write_history()
         last_ckpt: Path | None = None
         nan_run = 0
+        spike = _SpikeMonitor()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="textcraftor", unit="step",
                    disable=not (cfg.progress_bar and self.dist.is_main), dynamic_ncols=True)
         with self._signal_handlers():
@@ -341,7 +375,11 @@ class Trainer:
                 self.step += 1
                 nan_run = nan_run + 1 if metrics["skipped"] else 0
                 if metrics["skipped"]:
-                    logger.warning("Step %d: non-finite loss or gradients, optimizer step skipped", self.step)
+                    logger.warning("Step %d: non-finite loss or gradients (loss %s), optimizer step skipped "
+                                   "(%d in a row); prompts: %s", self.step, metrics["loss"], nan_run,
+                                   self.last_prompts)
+                else:
+                    spike.check(self.step, metrics["loss"], self.last_prompts)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
                                                      self.probe_prompts))
