@@ -143,3 +143,10 @@ def test_non_utf8_lines_can_be_skipped_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_prompts(str(path), on_bad_line="skip") == ["a cat", "a dog"]
     assert "skipped 1 line(s)" in caplog.text and "line 3" in caplog.text
+
+
+def test_fewer_prompts_than_ranks_is_an_error_before_training():
+    from textcraftor_fast.data import PromptStream
+
+    with pytest.raises(ValueError, match="1 prompts cannot be sharded over 2 ranks"):
+        PromptStream(["a cat"], batch_size=1, rank=1, world_size=2)
