@@ -361,7 +361,6 @@ class Trainer:
             self.resume(self._resume_from)
         if self._resume_from is None and self.cfg.output.overwrite and self.dist.is_main:
             shutil.rmtree(checkpointing.checkpoints_dir(self.output_dir), ignore_errors=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
         self._write_history()
         last_ckpt: Path | None = None

@@ -61,16 +61,14 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _replace_children(model: nn.Module, match: Callable[[nn.Module], bool],
-                      build: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Replace every submodule for which ``match`` holds by ``build(old)`` (None keeps it); returns the count."""
+                      build: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule for which ``match`` holds by ``build(old)``; returns the count."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if match(child):
-                new = build(child)
-                if new is not None:
-                    setattr(parent, name, new)
-                    count += 1
+                setattr(parent, name, build(child))
+                count += 1
     return count
 
 
