@@ -76,7 +76,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .models import export_text_encoder, load_components, load_text_encoder
+    from .loaders import load_components
+    from .models import export_text_encoder, load_text_encoder
 
     cfg = load_config(args.config, list(args.set or []))
     comp = load_components(cfg.model, seed=cfg.seed)

@@ -125,7 +125,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ build
     def _build(self) -> None:
-        from .models import load_components
+        from .loaders import load_components
 
         cfg = self.cfg
         device_type = _device_type(cfg.train.device)

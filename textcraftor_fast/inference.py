@@ -74,7 +74,8 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths."""
     from PIL import Image
 
-    from .models import load_components, load_text_encoder
+    from .loaders import load_components
+    from .models import load_text_encoder
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

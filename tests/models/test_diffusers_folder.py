@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from textcraftor_fast.config import ModelConfig
-from textcraftor_fast.models import load_components, load_diffusers_folder
+from textcraftor_fast.loaders import load_components
+from textcraftor_fast.models import load_diffusers_folder
 
 _OLD_VAE_ATTN = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
 

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from textcraftor_fast.config import ModelConfig
-from textcraftor_fast.models import load_components, load_single_file, load_text_encoder
+from textcraftor_fast.loaders import load_components
+from textcraftor_fast.models import load_single_file, load_text_encoder
 
 
 def test_missing_path(tmp_path):

@@ -119,7 +119,7 @@ def _arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) 
 def run_demo(cfg: TrainConfig, out_dir: str | Path = "outputs/demo", quick: bool = False,
              seeds_per_caption: int | None = None, paper: bool = True) -> dict[str, Any]:
     """Train, evaluate, plot; writes report.json, report.md, grid.png, reward_curve.png under `out_dir`."""
-    from ..models import load_components
+    from ..loaders import load_components
     from ..rewards import build_rewards
     from .world import load_judge
 
