@@ -131,6 +131,9 @@ class OptimConfig:
     """Clip the global grad norm to this value; None disables (the official code does not clip)."""
     warmup_steps: int = 0
     """Linear warm-up steps for the learning rate."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: 'constant' (paper) or 'cosine' decay to 0 at train.steps (late updates shrink, so where
+    a run ends depends less on its last few batches)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.lr > 0, f"{prefix}.lr", "a float > 0", self.lr)
@@ -185,11 +188,16 @@ class LoopConfig:
     max_nan_skips: int = 20
     """Abort after this many consecutive non-finite steps."""
     progress_bar: bool = True
+    embedding_anchor: float = 0.0
+    """Weight of mean((e_tuned - e_original)^2) over the batch's conditional embeddings, added to the loss:
+    keeps the tuned encoder near the original, which the paper's interpolation shows is a safe anchor.
+    0 (the paper) turns it off."""
 
     def validate(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps"):
             value = getattr(self, key)
             _check(value >= 1, f"{prefix}.{key}", "an integer >= 1", value)
+        _check(self.embedding_anchor >= 0, f"{prefix}.embedding_anchor", "a float >= 0", self.embedding_anchor)
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                f"{prefix}.checkpoints_total_limit", "an integer >= 1 or unset", self.checkpoints_total_limit)
 

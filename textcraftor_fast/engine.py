@@ -32,7 +32,7 @@ from .data import PromptStream, load_prompts
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .monitor import embedding_monitor
 from .ops import apply_ops
-from .optim import build_optimizer, grads_finite, set_lr, warmup_factor
+from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
 
@@ -226,8 +226,13 @@ class Trainer:
             images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
+        extra: dict[str, float] = {}
+        if self.cfg.train.embedding_anchor > 0:
+            anchor = (cond.float() - frozen.cond.float()).pow(2).mean()
+            loss = loss + self.cfg.train.embedding_anchor * anchor
+            extra["anchor"] = float(anchor.detach())
         return loss, {"loss": float(loss.detach()), "reward": float(total.detach().mean()),
-                      **self.rewards.metrics(total, parts)}
+                      **self.rewards.metrics(total, parts), **extra}
 
     def _micro_step(self, prompts: list[str], k: int, scale: float) -> dict[str, float]:
         loss, metrics = self.forward(prompts, k)
@@ -253,7 +258,8 @@ class Trainer:
         finite = math.isfinite(accum["loss"]) and grads_finite(self.params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.optim.max_grad_norm or float("inf"))) if finite else float("nan")
-        set_lr(self.optimizer, self.cfg.optim.lr * warmup_factor(self.step, self.cfg.optim.warmup_steps))
+        o = self.cfg.optim
+        set_lr(self.optimizer, o.lr * lr_factor(self.step, o.warmup_steps, cfg.steps, o.lr_schedule))
         skipped = cfg.nan_guard and not finite
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterable
 
 import torch
@@ -40,8 +41,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     raise ValueError(f"optim.name={cfg.name!r} is not one of 'adamw', 'adamw8bit'")
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """The multiplier of the base lr at optimizer step `step` (0-based): linear warm-up over `warmup_steps`,
+    then 1 ('constant') or a half cosine from 1 at the end of warm-up to 0 at `total_steps` ('cosine')."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"optim.lr_schedule={schedule!r} is not one of 'constant', 'cosine'")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
