@@ -12,13 +12,23 @@ from textcraftor_fast.tiny.tokenizer import build_tokenizer, load_tokenizer, sav
 
 def test_captions_round_trip_and_split():
     caps = D.all_captions()
-    assert len(caps) == 108 and len(D.held_out_captions()) == 24 and len(D.train_captions()) == 84
+    assert len(caps) == 108 and len(D.held_out_captions()) == 36 and len(D.train_captions()) == 72
+    assert len(D.test_captions()) == 24 and len(D.validation_captions()) == 12
     for c in caps:
         assert D.parse_caption(c.text) == c
     train_pairs = {(c.colour, c.shape) for c in D.train_captions()}
     assert not train_pairs & D.HELD_OUT_PAIRS  # held-out pairs never appear in training captions
     # every colour and every shape still appears in training
     assert {c for c, _ in train_pairs} == set(D.COLOURS) and {s for _, s in train_pairs} == set(D.SHAPES)
+
+
+def test_shipped_prompt_files_are_the_splits():
+    from pathlib import Path
+
+    folder = Path(D.__file__).parent / "prompts"
+    for name, caps in (("train", D.train_captions()), ("test", D.test_captions()),
+                       ("validation", D.validation_captions())):
+        assert (folder / f"{name}.txt").read_text().splitlines() == [c.text for c in caps], name
 
 
 def test_parse_caption_errors_name_the_problem():
@@ -83,6 +93,25 @@ def test_rewards_are_bounded_differentiable_and_clampable():
         build_reward(RewardConfig(name="tiny_alignment", options={"attributes": ["texture"]}))
     clamped = build_reward(RewardConfig(name="tiny_alignment", clamp_max=0.1, options={"mode": "logprob"}))
     assert (clamped(clean, prompts) <= 0.1).all()
+
+
+def test_geomean_alignment_is_the_weighted_geometric_mean_of_judge_probabilities():
+    from textcraftor_fast.config import RewardConfig
+    from textcraftor_fast.rewards import build_reward
+    from textcraftor_fast.tiny.world import load_judge
+
+    prompts = ["a small red circle on black", "a large blue square on white", "a small green triangle on gray"]
+    x = (D.to_tensor([D.draw(D.parse_caption(p)) for p in prompts]) + 0.2 * torch.randn(3, 3, 32, 32,
+         generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    reward = build_reward(RewardConfig(name="tiny_alignment", options={"attributes": {"shape": 3.0, "colour": 1.0},
+                                                                        "mode": "geomean"}))
+    logits = load_judge()(x)
+    probs = {a: logits[a].softmax(1)[torch.arange(3), [D.parse_caption(p).label(a) for p in prompts]]
+             for a in ("shape", "colour")}
+    expected = probs["shape"] ** 0.75 * probs["colour"] ** 0.25  # weights normalised to 3/4, 1/4
+    torch.testing.assert_close(reward(x, prompts), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'geomean'"):
+        build_reward(RewardConfig(name="tiny_alignment", options={"mode": "harmonic"}))
 
 
 def test_paired_interval_math():

@@ -55,14 +55,16 @@ def paired_diff(after: Tensor, before: Tensor) -> dict[str, float]:
 @torch.no_grad()
 def base_accuracy(unet, vae, text_encoder, tokenizer, judge, seeds_per_caption: int = 9,
                   guidance_scales: tuple[float, ...] = (3.0, 5.0, 7.5), num_steps: int = 10) -> dict:
-    """The base model's held-out (and train-caption) judge accuracy per attribute at a few CFG scales."""
+    """The base model's held-out test, validation (and train-caption) judge accuracy per attribute at a few CFG scales."""
     from ..sampler import Embeddings
     from .models import scheduler_config
 
     uncond = encode_prompts(text_encoder, tokenizer, [""])
     result: dict = {}
-    for split, caps in (("held_out", D.held_out_captions()), ("train", D.train_captions()[::4])):
-        prompts, seeds = eval_set(caps, seeds_per_caption if split == "held_out" else 2)
+    splits = (("test", D.test_captions()), ("validation", D.validation_captions()),
+              ("train", D.train_captions()[::4]))
+    for split, caps in splits:
+        prompts, seeds = eval_set(caps, 2 if split == "train" else seeds_per_caption)
         cond = encode_prompts(text_encoder, tokenizer, prompts)
         for g in guidance_scales:
             images = generate(unet, vae, scheduler_config(), seeds, Embeddings(cond, uncond), num_steps=num_steps,

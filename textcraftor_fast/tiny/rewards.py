@@ -2,7 +2,9 @@
 
 - `AlignmentReward` ("tiny_alignment"): the judge's probability of the caption's class, averaged over the
   chosen attributes (default: all four; a table attribute -> weight gives a weighted mean): bounded in [0, 1]. Rewarding one attribute alone is hackable too:
-  a shape-only reward made every held-out shape right while colour accuracy fell from 92% to 8%. mode="logprob" gives the mean log-probability clamped below at
+  a shape-only reward made every held-out shape right while colour accuracy fell from 92% to 8%.
+  mode="geomean" gives the weighted geometric mean of the probabilities, in [0, 1], which falls towards 0
+  when any one attribute does. mode="logprob" gives the mean log-probability clamped below at
   `logprob_floor`; it is the hackable kind (blurry, ambiguous images raise it while accuracy falls), kept
   for comparison. Prompts are parsed back into attribute values (`data.parse_caption`).
 - `PaletteAestheticReward` ("tiny_aesthetic"): how close every pixel is to one of the world's pure colours
@@ -33,8 +35,8 @@ class AlignmentReward(Reward):
         if bad or not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"tiny_alignment: attributes must be a non-empty subset of {list(D.ATTRIBUTES)} "
                              f"(a list, or a table attribute -> weight >= 0 with a positive sum), got {attributes!r}")
-        if mode not in ("prob", "logprob"):
-            raise ValueError(f"tiny_alignment: mode must be 'prob' or 'logprob', got {mode!r}")
+        if mode not in ("prob", "logprob", "geomean"):
+            raise ValueError(f"tiny_alignment: mode must be 'prob', 'logprob' or 'geomean', got {mode!r}")
         from .world import load_judge
 
         total = sum(weights.values())
@@ -59,8 +61,15 @@ class AlignmentReward(Reward):
         score = pixels.new_zeros(pixels.shape[0], dtype=torch.float32)
         for a, w in self.weights.items():
             logp = logits[a].log_softmax(1).gather(1, targets[a][:, None]).squeeze(1)  # (B,)
-            score = score + w * (logp.exp() if self.mode == "prob" else logp.clamp(min=self.logprob_floor))
-        return score
+            if self.mode == "prob":
+                score = score + w * logp.exp()
+            elif self.mode == "logprob":
+                score = score + w * logp.clamp(min=self.logprob_floor)
+            else:
+                score = score + w * logp
+        # geomean: exp of the weighted mean log-probability, the weighted geometric mean of the probabilities,
+        # in [0, 1]. Unlike the arithmetic mean it cannot be raised by trading one attribute for another.
+        return score.exp() if self.mode == "geomean" else score
 
 
 class PaletteAestheticReward(Reward):
