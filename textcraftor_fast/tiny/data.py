@@ -59,7 +59,10 @@ TEST_PAIRS: frozenset[tuple[str, str]] = frozenset({
 })
 VALIDATION_PAIRS: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("orange", "circle")})
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = TEST_PAIRS | VALIDATION_PAIRS
-_RADIUS = {"small": 6.0, "large": 10.0}  # half-extent in pixels at 32x32
+# Half-extent in pixels at 32x32, jittered +-15%. The classes must not overlap: the widest small shape (a
+# triangle, 13.9 px) stays narrower than the narrowest large one (a square, 15.8 px). With 6 / 10 they did
+# (16.7 vs 15.0 px), so any change of a large shape's outline could read as a change of size.
+_RADIUS = {"small": 5.0, "large": 10.5}
 
 
 @dataclass(frozen=True)
