@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/textcraftor-fast demo --config configs/tiny.toml
+	$(BIN)/textcraftor-fast demo
 
 # The OpenAI BPE file the shipped tokenizer was converted from, as the open_clip_torch wheel carries it: the
 # tokenizer test rebuilds the shipped vocabulary from it (downloaded from the registry, never imported).

@@ -68,3 +68,16 @@ def test_missing_file_is_clear():
 def test_pretrained_needs_a_path():
     with pytest.raises(ConfigError, match=r"'model\.path'"):
         load_config(None)
+
+
+def test_builtin_tiny_config_is_shipped_and_matches_the_readable_copy():
+    from pathlib import Path
+
+    from textcraftor_fast.config import resolve_config_path
+
+    shipped = resolve_config_path("builtin:tiny")
+    assert shipped.is_file() and "textcraftor_fast" in shipped.parts
+    assert shipped.read_bytes() == Path("configs/tiny.toml").read_bytes(), "edit both copies together"
+    assert load_config("builtin:tiny") == load_config("configs/tiny.toml")
+    with pytest.raises(ConfigError, match="built-in configs: builtin:tiny"):
+        load_config("builtin:nope")

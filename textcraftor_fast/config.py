@@ -438,13 +438,29 @@ def config_from_dict(tree: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     return cfg
 
 
+# Configs shipped inside the package, so `textcraftor-fast demo` works from any folder after a pip install;
+# configs/<name>.toml in the repository is the readable copy (a test keeps the two identical).
+BUILTIN_CONFIGS = {"builtin:tiny": "tiny.toml"}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, with 'builtin:<name>' mapped to the copy shipped in the package."""
+    text = str(path)
+    if text.startswith("builtin:"):
+        if text not in BUILTIN_CONFIGS:
+            raise ConfigError(f"unknown built-in config {text!r}; built-in configs: {', '.join(BUILTIN_CONFIGS)}")
+        return Path(__file__).parent / "configs" / BUILTIN_CONFIGS[text]
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Load a TOML config (or the defaults when path is None) and apply 'a.b=c' overrides."""
+    """Load a TOML config ('builtin:tiny' names the shipped one; None: the defaults), apply 'a.b=c' overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist (pass a TOML file, e.g. configs/tiny_random.toml)")
+            raise ConfigError(f"config file '{p}' does not exist (pass a TOML file, e.g. configs/tiny_random.toml, "
+                              f"or a built-in config: {', '.join(BUILTIN_CONFIGS)})")
         try:
             tree = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:

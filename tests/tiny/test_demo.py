@@ -1,12 +1,19 @@
-"""The tiny-world demo end to end: a shortened run (files, well-formed metrics) and, slow-marked, the full
-demo's acceptance (held-out improvement of the targeted attribute with paired intervals, no hedging)."""
+"""The tiny-world demo end to end: a shortened run started outside the repository (files, well-formed
+metrics), the sweep command, and, slow-marked, the full demo's acceptance at two (seed, threads) points."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from textcraftor_fast import cli
 from textcraftor_fast.config import load_config
 from textcraftor_fast.tiny import data as D
 from textcraftor_fast.tiny.demo import run_demo
@@ -36,27 +43,95 @@ def test_paired_interval_by_hand():
     assert (got["lo"], got["hi"]) == pytest.approx((0.5 - 0.565803, 0.5 + 0.565803), abs=1e-6)
 
 
-def test_quick_demo_end_to_end(tmp_path):
-    cfg = load_config("configs/tiny.toml")
-    report = run_demo(cfg, out_dir=tmp_path, quick=True)
+def test_splits_are_disjoint_held_out_pairs():
+    test = {(c.colour, c.shape) for c in D.test_captions()}
+    val = {(c.colour, c.shape) for c in D.validation_captions()}
+    train = {(c.colour, c.shape) for c in D.train_captions()}
+    assert len(test) == 4 and len(val) == 2 and len(train) == 12
+    assert not (test & val) and not (test & train) and not (val & train)
+
+
+def test_quick_demo_runs_from_outside_the_repository(tmp_path):
+    # The default config is the packaged builtin:tiny, so no repo-relative path is needed.
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "textcraftor_fast.cli", "demo", "--quick", "--paper", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the verdict is printed
     for name in ("grid.png", "reward_curve.png", "report.md", "report.json"):
-        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert set(saved["arms"]) == {"tuned", "paper_recipe"}
-    assert saved["n_samples"] == len(D.held_out_captions())
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved["arms"]) == {"tuned", "paper_recipe"} and saved["split"] == "test"
+    assert saved["n_samples"] == len(D.test_captions())
     for arm in saved["arms"].values():
         _check_table(arm["table"])
         assert arm["steps"] == 3 and set(arm["verdict"]) >= {"passed", "target_improved", "others_held"}
         assert 0 < arm["drift"] < 1
-    hist = report["arms"]["tuned"]["history"]
-    assert len(hist) == 3 and all({"reward", "emb_cos", "drift"} <= set(h) for h in hist)
-    assert (tmp_path / "tuned" / "text_encoder").is_dir()
+    lines = (out / "tuned" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all({"reward", "emb_cos", "drift"} <= set(json.loads(x)) for x in lines)
+    assert (out / "tuned" / "text_encoder").is_dir()
+
+
+def test_sweep_command_sets_threads_inside_each_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = cli.main(["demo", "--seeds", "3", "--threads", "1,2", "--split", "validation", "--eval-seeds", "1",
+                   "--out", str(out), "--set", "train.steps=1", "--set", "train.batch_size=2"])
+    sweep = json.loads((out / "sweep.json").read_text())
+    # Each run trained at its own thread count (read inside the run, not from the environment).
+    assert [(r["seed"], r["threads"], r["train_threads"]) for r in sweep["runs"]] == [(3, 1, 1), (3, 2, 2)]
+    assert sweep["split"] == "validation" and sweep["n_samples"] == len(D.validation_captions())
+    passed = sum(r["verdict"]["passed"] for r in sweep["runs"])
+    assert sweep["passed"] == passed and rc == (0 if passed == 2 else 1)
+    table = (out / "sweep.md").read_text()
+    assert table.count("| 3 | 1 |") == 1 and table.count("| 3 | 2 |") == 1 and f"{passed} of 2 runs PASS" in table
+
+
+def test_a_stopped_fine_tuning_is_not_evaluated(tmp_path):
+    # SIGTERM mid-training: the engine saves and returns early; the demo must stop there (exit 130) rather than
+    # print a verdict for a half-trained encoder.
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "textcraftor_fast.cli", "demo", "--out", str(out), "--eval-seeds", "1",
+                             "--set", "train.steps=400", "--set", "train.batch_size=2", "--set", "train.progress_bar=false"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "tuned" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "tuned: fine-tuning stopped at step" in stderr and "not evaluating a partial run" in stderr
+    assert "PASS" not in stdout and "FAIL" not in stdout and not (out / "report.md").exists()
+    assert any((out / "tuned" / "checkpoints").glob("step-*"))  # the interrupted run is kept, resumable
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--seeds", "0,1"], "--quick runs one shortened demo"),
+    (["--threads", "0"], "--threads: thread counts must be >= 1"),
+    (["--eval-seeds", "0"], "--eval-seeds: noise seeds per caption must be >= 1"),
+    (["--split", "train"], "invalid choice: 'train'"),
+    (["--seeds", "0,x"], "expected comma-separated integers"),
+])
+def test_demo_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_path):
+    try:
+        code = cli.main(["demo", "--out", str(tmp_path / "demo"), *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # nothing was trained or written
 
 
 @pytest.mark.slow
-def test_full_demo_improves_held_out_target_without_hedging(tmp_path):
-    cfg = load_config("configs/tiny.toml")
-    report = run_demo(cfg, out_dir=tmp_path, paper=False)
-    assert report["n_samples"] >= 200
-    v = report["arms"]["tuned"]["verdict"]
-    assert v["passed"], json.dumps(report["arms"]["tuned"]["table"], indent=1)
+@pytest.mark.parametrize("seed_offset, threads", [(0, 1), (1, 2)], ids=["shipped-seed-1-thread", "next-seed-2-threads"])
+def test_full_demo_passes_on_test_split(tmp_path, seed_offset, threads):
+    # The shipped seed at the thread count CI pins, and another seed at the thread count users run: the
+    # verdict must not depend on either (the sweep in docs/tiny_world.md covers seeds 0-4 x threads 1, 2).
+    cfg = load_config("builtin:tiny")
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + seed_offset)
+    report = run_demo(cfg, out_dir=tmp_path, threads=threads)
+    arm = report["arms"]["tuned"]
+    assert report["n_samples"] == 648 and arm["train_threads"] == threads
+    assert arm["verdict"]["passed"], json.dumps(arm["table"], indent=1)

@@ -96,7 +96,7 @@ def embeddings_for(original, tuned, tokenizer, prompts: list[str], train_uncond:
 
 @torch.no_grad()
 def evaluate_encoder(comp, judge, rewards, sampler_cfg, prompts: list[str], seeds: list[int],
-                     tuned=None, w: float = 1.0) -> dict[str, Tensor]:
+                     tuned=None, w: float = 1.0, progress: str | None = None) -> dict[str, Tensor]:
     """Per-sample results of one encoder on (prompts, seeds): judge correctness/probabilities per attribute,
     the weighted reward 'reward' and each part 'reward/<name>', plus the images. tuned=None: the original.
 
@@ -107,7 +107,8 @@ def evaluate_encoder(comp, judge, rewards, sampler_cfg, prompts: list[str], seed
     frozen, mixed = embeddings_for(comp.text_encoder, tuned, comp.tokenizer, prompts, sampler_cfg.train_uncond, w)
     images = generate(comp.unet, comp.vae, comp.scheduler.config, seeds, frozen, mixed,
                       switch_step=sampler_cfg.effective_switch_step, num_steps=sampler_cfg.num_steps,
-                      guidance_scale=sampler_cfg.guidance_scale, timestep_spacing=sampler_cfg.timestep_spacing)
+                      guidance_scale=sampler_cfg.guidance_scale, timestep_spacing=sampler_cfg.timestep_spacing,
+                      progress=progress)
     out = judge_samples(judge, images, prompts)
     total, parts = rewards(images, prompts)
     out["reward"] = total.detach()

@@ -27,13 +27,17 @@ def _rows(emb: Embeddings, sl: slice) -> Embeddings:
 @torch.no_grad()
 def generate(unet, vae, scheduler_config, seeds: list[int], frozen: Embeddings, tuned: Embeddings | None = None,
              switch_step: int = 0, num_steps: int = 10, guidance_scale: float = 5.0,
-             timestep_spacing: str = "trailing", batch_size: int = 128) -> Tensor:
+             timestep_spacing: str = "trailing", batch_size: int = 128, progress: str | None = None) -> Tensor:
     """Images in [0, 1] (N, 3, 32, 32): steps before `switch_step` use `frozen` embeddings, the rest `tuned`
-    (None: `frozen` throughout). cond rows are per sample (N, L, D); uncond is (1, L, D) or (N, L, D)."""
+    (None: `frozen` throughout). cond rows are per sample (N, L, D); uncond is (1, L, D) or (N, L, D).
+    `progress`: a progress bar's label (None: no bar)."""
+    from tqdm.auto import tqdm
+
     schedule = make_schedule(scheduler_config, num_steps, 0.0, timestep_spacing)
     cfg = switch_sampling_config(num_steps, guidance_scale, switch_step)
     out = []
-    for i in range(0, len(seeds), batch_size):
+    starts = range(0, len(seeds), batch_size)
+    for i in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2, leave=False):
         sl = slice(i, i + batch_size)
         x_t = initial_latents(seeds[sl]).to(frozen.cond.device, frozen.cond.dtype)
         lat = sample_latents(unet, schedule, x_t, _rows(frozen, sl), _rows(tuned, sl) if tuned else None,
