@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="the embedded tiny world: fine-tune, evaluate before/after, write images; "
-                                    "with --seeds/--threads, the robustness sweep")
+                                    "with --seeds/--threads, the robustness sweep (exit status 1 unless every "
+                                    "run PASSes)")
     common(d, config_required=False)
     d.set_defaults(config="builtin:tiny")
     d.add_argument("--out", default=DEMO_OUT, help=f"output folder (default {DEMO_OUT}; {DEMO_OUT}-sweep for a sweep)")

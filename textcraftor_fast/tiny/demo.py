@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from . import data as D
-from .evaluate import compare, eval_set, evaluate_encoder, verdict
+from .evaluate import compare, eval_set, evaluate_encoder, pair_breakdown, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,18 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {report['emb_cos_before']:.3f} -> {res['emb_cos_after']:.3f} | {res['drift']:.4f} "
                      f"| {res['train_seconds']:.0f} | {'PASS' if v['passed'] else 'FAIL'}: target {v['target_improved']}, "
                      f"reward {v['reward_improved']}, others held {v['others_held']} |")
+    lines += ["", "Shape per held-out colour-shape pair (the judge's reading: circle / square / triangle):", "",
+              "| run | pair | samples | shape before | shape after | read as, before | read as, after |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, res in report["arms"].items():
+        for pair, e in res["pairs"].items():
+            lines.append(f"| {arm} | {pair} | {e['n']} | {e['before']:.3f} | {e['after']:.3f} | "
+                         f"{_read_as(e['before_read_as'])} | {_read_as(e['after_read_as'])} |")
     return "\n".join(lines)
+
+
+def _read_as(counts: dict[str, int]) -> str:
+    return " / ".join(str(counts[c]) for c in D.SHAPES)
 
 
 def _grid(comp, judge, rewards, arm_cfg, tuned, base, prompts, seeds, out_dir: Path) -> Path:
@@ -164,6 +175,7 @@ def arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) -
                              progress=f"evaluating {name}")
     table = compare(base, after)
     res = {"table": table, "verdict": verdict(table, target_attributes()), "train_seconds": seconds,
+           "pairs": pair_breakdown(base, after, prompts),
            "train_threads": threads,
            "eval_seconds": time.time() - t0, "steps": result.steps, "emb_cos_after": float(after["emb_cos"]),
            "drift": weight_drift(tuned, comp.text_encoder), "history": result.history,
@@ -228,6 +240,9 @@ def _run_demo(cfg: TrainConfig, out_dir: Path, quick: bool, seeds_per_caption: i
           "and no other attribute's interval below zero):")
     for name, res in report["arms"].items():
         print("  " + verdict_line(name, res))
+    if quick:
+        print(f"  (--quick: {cfg.train.steps} fine-tuning steps and {len(prompts)} samples, a smoke test of the "
+              "pipeline; its verdict says nothing about the method)")
     print(f"\nwrote {out_dir / 'grid.png'}, {out_dir / 'reward_curve.png'}, {out_dir / 'report.md'} "
           f"in {report['seconds']:.0f} s")
     return report

@@ -27,13 +27,15 @@ def eval_set(captions: list[D.Caption], seeds_per_caption: int,
 
 @torch.no_grad()
 def judge_samples(judge, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-    """Per-sample results: '<attr>_correct' (N,) in {0,1} and '<attr>_prob' (N,) = p(correct class)."""
+    """Per-sample results: '<attr>_correct' (N,) in {0,1}, '<attr>_prob' (N,) = p(correct class) and
+    '<attr>_pred' (N,) = the class the judge reads (index into data.ATTRIBUTES[attr])."""
     caps = [D.parse_caption(p) for p in prompts]
     logits = judge(images)
     out: dict[str, Tensor] = {}
     for a in D.ATTRIBUTES:
         target = torch.tensor([c.label(a) for c in caps])
-        out[f"{a}_correct"] = (logits[a].argmax(1) == target).float()
+        out[f"{a}_pred"] = logits[a].argmax(1)
+        out[f"{a}_correct"] = (out[f"{a}_pred"] == target).float()
         out[f"{a}_prob"] = logits[a].softmax(1).gather(1, target[:, None]).squeeze(1)
     return out
 
@@ -135,6 +137,25 @@ def compare(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, di
         table[name] = {"before": b_m, "before_hw": b_h, "after": a_m, "after_hw": a_h,
                        **paired_diff(after[name], before[name])}
     return table
+
+
+def pair_breakdown(before: dict[str, Tensor], after: dict[str, Tensor], prompts: list[str],
+                   attribute: str = "shape") -> dict[str, dict]:
+    """Per colour-shape pair of `prompts`: samples, `attribute` accuracy before/after, and how often the judge
+    reads each class of it before/after. Where the average gain comes from, or why there is none: a pair
+    the base draws as a trained pair's shape shows up as a class other than its own."""
+    classes = D.ATTRIBUTES[attribute]
+    pairs = [f"{c.colour} {c.shape}" for c in map(D.parse_caption, prompts)]
+    out: dict[str, dict] = {}
+    for pair in dict.fromkeys(pairs):
+        idx = torch.tensor([i for i, p in enumerate(pairs) if p == pair])
+        entry: dict = {"n": len(idx)}
+        for when, res in (("before", before), ("after", after)):
+            entry[when] = res[f"{attribute}_correct"][idx].double().mean().item()
+            pred = res[f"{attribute}_pred"][idx]
+            entry[f"{when}_read_as"] = {c: int((pred == k).sum()) for k, c in enumerate(classes)}
+        out[pair] = entry
+    return out
 
 
 def verdict(table: dict[str, dict[str, float]], targets: list[str]) -> dict:
