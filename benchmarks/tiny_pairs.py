@@ -1,16 +1,20 @@
-"""Per held-out pair breakdown of a finished demo sweep: where each run's shape gain comes from (or not).
+"""Per colour-shape pair breakdown of the tiny demo: where a shape gain comes from (or why there is none).
 
-    python benchmarks/tiny_pairs.py outputs/demo-sweep > pairs.md
+    python benchmarks/tiny_pairs.py outputs/demo-sweep > pairs.md          # every run of a finished sweep
+    python benchmarks/tiny_pairs.py --encoder DIR [--threads 2]             # one tuned encoder on the
+                                                                            # training captions and validation
 
 Re-evaluates every run's saved tuned encoder (`<sweep>/seed*-threads*/text_encoder`) on the sweep's split and
 noise seeds, at the run's own thread count, against the original encoder at that thread count, and prints
 `evaluate.pair_breakdown` per run. The overall shape difference it recomputes must equal the sweep's (checked):
 the same command, the same numbers. A diagnostic: it reads the split the sweep was evaluated on again.
+With --encoder it never reads the test split: the 72 training captions x 9 seeds and the validation split
+(12 captions x 54 seeds), 648 samples each.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from transformers import CLIPTextModel
@@ -44,13 +48,36 @@ def main(sweep_dir: str) -> int:
         if abs(diff - run["table"]["shape_correct"]["diff"]) > 1e-9:
             raise SystemExit(f"seed {run['seed']} threads {n}: shape diff {diff} differs from the sweep's "
                              f"{run['table']['shape_correct']['diff']}: not the same evaluation")
-        cells = []
-        for e in pair_breakdown(base, after, prompts).values():
-            read = lambda counts: "/".join(str(counts[c]) for c in D.SHAPES)  # noqa: E731
-            cells.append(f"{e['before']:.2f} -> {e['after']:.2f} ({read(e['before_read_as'])} -> "
-                         f"{read(e['after_read_as'])})")
+        cells = [f"{e['before']:.2f} -> {e['after']:.2f} ({_read(e['before_read_as'])} -> {_read(e['after_read_as'])})"
+                 for e in pair_breakdown(base, after, prompts).values()]
         print(f"| {run['seed']} | {n} | " + " | ".join(cells) + " |", flush=True)
     return 0
+
+
+def one_encoder(folder: str, threads: int) -> int:
+    cfg = load_config("builtin:tiny")
+    comp, judge, rewards = load_world(cfg)
+    tuned = CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
+    for split, captions, per_caption in (("training captions", D.train_captions(), 9),
+                                         ("validation", D.validation_captions(), 54)):
+        prompts, seeds = eval_set(captions, per_caption)
+        with torch_threads(threads):
+            base = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds)
+            after = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds, tuned=tuned)
+        print(f"\n{split}, {len(prompts)} samples, {threads} threads: shape before -> after, the judge's reading "
+              "circle / square / triangle before -> after\n\n| pair | samples | shape | read as |\n|---|---|---|---|")
+        squares = [0, 0]
+        for pair, e in pair_breakdown(base, after, prompts).items():
+            squares[0] += e["before_read_as"]["square"]
+            squares[1] += e["after_read_as"]["square"]
+            print(f"| {pair} | {e['n']} | {e['before']:.2f} -> {e['after']:.2f} | {_read(e['before_read_as'])} -> "
+                  f"{_read(e['after_read_as'])} |")
+        print(f"\nread as squares: {squares[0]} -> {squares[1]} of {len(prompts)}", flush=True)
+    return 0
+
+
+def _read(counts: dict[str, int]) -> str:
+    return "/".join(str(counts[c]) for c in D.SHAPES)
 
 
 def _pairs(prompts: list[str]) -> list[str]:
@@ -58,4 +85,9 @@ def _pairs(prompts: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo-sweep"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", nargs="?", default="outputs/demo-sweep")
+    parser.add_argument("--encoder", help="one tuned text encoder folder: training captions and validation")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    raise SystemExit(one_encoder(args.encoder, args.threads) if args.encoder else main(args.sweep_dir))
