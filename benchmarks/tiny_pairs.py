@@ -4,10 +4,11 @@
     python benchmarks/tiny_pairs.py --encoder DIR [--threads 2]             # one tuned encoder on the
                                                                             # training captions and validation
 
-Re-evaluates every run's saved tuned encoder (`<sweep>/seed*-threads*/text_encoder`) on the sweep's split and
-noise seeds, at the run's own thread count, against the original encoder at that thread count, and prints
-`evaluate.pair_breakdown` per run. The overall shape difference it recomputes must equal the sweep's (checked):
-the same command, the same numbers. A diagnostic: it reads the split the sweep was evaluated on again.
+A sweep's sweep.json records `evaluate.pair_breakdown` per run; one written before it did (the 2026-11-29 test
+sweep) is re-evaluated: every run's saved tuned encoder (`<sweep>/seed*-threads*/text_encoder`) on the sweep's
+split and noise seeds, at the run's own thread count, against the original encoder at that thread count. The
+overall shape difference it recomputes must equal the sweep's (checked): the same command, the same numbers.
+A diagnostic: re-evaluating reads the split the sweep was evaluated on again.
 With --encoder it never reads the test split: the 72 training captions x 9 seeds and the validation split
 (12 captions x 54 seeds), 648 samples each.
 """
@@ -22,36 +23,53 @@ from transformers import CLIPTextModel
 from textcraftor_fast.config import load_config
 from textcraftor_fast.tiny import data as D
 from textcraftor_fast.tiny.demo import eval_captions, load_world, torch_threads
-from textcraftor_fast.tiny.evaluate import compare, eval_set, evaluate_encoder, pair_breakdown
+from textcraftor_fast.tiny.evaluate import compare, eval_set, evaluate_encoder, format_read_as, pair_breakdown
 
 
 def main(sweep_dir: str) -> int:
     sweep = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    cfg = load_config("builtin:tiny")
-    comp, judge, rewards = load_world(cfg)
     prompts, seeds = eval_set(eval_captions(sweep["split"]), sweep["seeds_per_caption"])
+    pairs = list(dict.fromkeys(f"{c.colour} {c.shape}" for c in map(D.parse_caption, prompts)))
     print(f"Shape per held-out pair, {sweep['split']} split, {len(prompts)} samples per run; the judge's reading "
           "circle / square / triangle, before -> after.\n")
-    print("| seed | threads | " + " | ".join(_pairs(prompts)) + " |")
-    print("|---|---|" + "---|" * len(_pairs(prompts)))
-    base_by_threads = {}
+    print("| seed | threads | " + " | ".join(pairs) + " |")
+    print("|---|---|" + "---|" * len(pairs))
+    reevaluate = _Reevaluation(sweep_dir, prompts, seeds)
     for run in sweep["runs"]:
+        breakdown = run["pairs"] if "pairs" in run else reevaluate(run)
+        cells = [f"{e['before']:.2f} -> {e['after']:.2f} ({_read(e['before_read_as'])} -> {_read(e['after_read_as'])})"
+                 for e in breakdown.values()]
+        print(f"| {run['seed']} | {run['threads']} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+class _Reevaluation:
+    """pair_breakdown of a sweep run that did not record it: the world loads on first use, the original encoder
+    is evaluated once per thread count, and each run must reproduce the sweep's shape difference."""
+
+    def __init__(self, sweep_dir: str, prompts: list[str], seeds: list[int]):
+        self.sweep_dir, self.prompts, self.seeds = Path(sweep_dir), prompts, seeds
+        self.world = None
+        self.base_by_threads: dict = {}
+
+    def __call__(self, run: dict) -> dict:
+        cfg = load_config("builtin:tiny")
+        if self.world is None:
+            self.world = load_world(cfg)
+        comp, judge, rewards = self.world
         n = run["threads"]
         with torch_threads(n):
-            if n not in base_by_threads:
-                base_by_threads[n] = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds)
-            base = base_by_threads[n]
-            folder = Path(sweep_dir) / f"seed{run['seed']}-threads{n}" / "text_encoder"
+            if n not in self.base_by_threads:
+                self.base_by_threads[n] = evaluate_encoder(comp, judge, rewards, cfg.sampler, self.prompts, self.seeds)
+            base = self.base_by_threads[n]
+            folder = self.sweep_dir / f"seed{run['seed']}-threads{n}" / "text_encoder"
             tuned = CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
-            after = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds, tuned=tuned)
+            after = evaluate_encoder(comp, judge, rewards, cfg.sampler, self.prompts, self.seeds, tuned=tuned)
         diff = compare(base, after)["shape_correct"]["diff"]
         if abs(diff - run["table"]["shape_correct"]["diff"]) > 1e-9:
             raise SystemExit(f"seed {run['seed']} threads {n}: shape diff {diff} differs from the sweep's "
                              f"{run['table']['shape_correct']['diff']}: not the same evaluation")
-        cells = [f"{e['before']:.2f} -> {e['after']:.2f} ({_read(e['before_read_as'])} -> {_read(e['after_read_as'])})"
-                 for e in pair_breakdown(base, after, prompts).values()]
-        print(f"| {run['seed']} | {n} | " + " | ".join(cells) + " |", flush=True)
-    return 0
+        return pair_breakdown(base, after, self.prompts)
 
 
 def one_encoder(folder: str, threads: int) -> int:
@@ -77,11 +95,7 @@ def one_encoder(folder: str, threads: int) -> int:
 
 
 def _read(counts: dict[str, int]) -> str:
-    return "/".join(str(counts[c]) for c in D.SHAPES)
-
-
-def _pairs(prompts: list[str]) -> list[str]:
-    return list(dict.fromkeys(f"{c.colour} {c.shape}" for c in map(D.parse_caption, prompts)))
+    return format_read_as(counts, sep="/")
 
 
 if __name__ == "__main__":

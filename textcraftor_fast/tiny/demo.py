@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from . import data as D
-from .evaluate import compare, eval_set, evaluate_encoder, pair_breakdown, verdict
+from .evaluate import compare, eval_set, evaluate_encoder, format_read_as, pair_breakdown, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,13 @@ def target_attributes() -> list[str]:
 
 
 def _train_arm(name: str, cfg: TrainConfig, out_dir: Path):
-    import torch
-
     from .. import train
 
     # The demo owns out_dir/<arm>: every demo run starts over there (a real run refuses to, see output.overwrite).
     output = dataclasses.replace(cfg.output, dir=str(out_dir / name), overwrite=True)
     arm_cfg = dataclasses.replace(cfg, output=output)
     t0 = time.time()
-    threads = torch.get_num_threads()  # what this run trained with (the sweep sets it per run)
+    threads = _threads()  # what this run trained with (the sweep sets it per run)
     result = train(arm_cfg)
     if result.steps < arm_cfg.train.steps:
         # Stopped by a signal (the engine saved and returned): a half-trained encoder's verdict means nothing.
@@ -139,12 +137,8 @@ def format_report(report: dict[str, Any]) -> str:
     for arm, res in report["arms"].items():
         for pair, e in res["pairs"].items():
             lines.append(f"| {arm} | {pair} | {e['n']} | {e['before']:.3f} | {e['after']:.3f} | "
-                         f"{_read_as(e['before_read_as'])} | {_read_as(e['after_read_as'])} |")
+                         f"{format_read_as(e['before_read_as'])} | {format_read_as(e['after_read_as'])} |")
     return "\n".join(lines)
-
-
-def _read_as(counts: dict[str, int]) -> str:
-    return " / ".join(str(counts[c]) for c in D.SHAPES)
 
 
 def _grid(comp, judge, rewards, arm_cfg, tuned, base, prompts, seeds, out_dir: Path) -> Path:

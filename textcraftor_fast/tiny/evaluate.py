@@ -158,6 +158,11 @@ def pair_breakdown(before: dict[str, Tensor], after: dict[str, Tensor], prompts:
     return out
 
 
+def format_read_as(counts: dict[str, int], sep: str = " / ") -> str:
+    """A `pair_breakdown` reading in class order, e.g. shape's '32 / 43 / 87' (circle / square / triangle)."""
+    return sep.join(map(str, counts.values()))
+
+
 def verdict(table: dict[str, dict[str, float]], targets: list[str]) -> dict:
     """The issue's acceptance, computed, never tuned: every targeted attribute's accuracy and the reward
     improve with paired 95% intervals above zero, and no other attribute falls by more than its interval."""
