@@ -13,7 +13,7 @@ from textcraftor_fast.tiny.tokenizer import build_tokenizer, load_tokenizer, sav
 def test_captions_round_trip_and_split():
     caps = D.all_captions()
     assert len(caps) == 108 and len(D.held_out_captions()) == 36 and len(D.train_captions()) == 72
-    assert len(D.test_captions()) == 24 and len(D.validation_captions()) == 12
+    assert len(D.test_captions()) == 18 and len(D.validation_captions()) == 18
     for c in caps:
         assert D.parse_caption(c.text) == c
     train_pairs = {(c.colour, c.shape) for c in D.train_captions()}
