@@ -3,9 +3,10 @@
 Caption grammar: "a {size} {colour} {shape} on {background}", e.g. "a small red circle on black".
 Attributes: colour (6) x shape (3) x size (2) x background (3) = 108 captions. Six colour-shape pairs
 (all their sizes and backgrounds: 36 captions) are HELD OUT: never used to pretrain the UNet / text
-encoder and never used to fine-tune. Four of them (24 captions) are the TEST split, where the demo
-reports; two (12 captions) are the VALIDATION split, where its design was chosen. The judge (a reward model of the
-world, not a generator) is trained on every combination, like a real reward model trained on its own data.
+encoder and never used to fine-tune. Three of them (18 captions, one pair of every shape) are the TEST split,
+where the demo reports; the other three (18 captions, again one of every shape) are the VALIDATION split, where
+its design was chosen. The judge (a reward model of the world, not a generator) is trained on every
+combination, like a real reward model trained on its own data.
 
 Each image is drawn at 4x and box-downsampled (anti-aliased edges); position jitter and size jitter make
 the distribution continuous, so a 1M-parameter UNet cannot just memorise 108 pictures.
