@@ -18,14 +18,9 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .sampler import DDIMStep
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +101,8 @@ def _group_norm_silu_backward_fake(grad_out, x, weight, bias, mean, rstd, num_gr
 
 def _like_first_if_shared(*ts: Tensor) -> Tensor:
     first = ts[0]
-    shared = first.is_non_overlapping_and_dense() and all(t.stride() == first.stride() for t in ts)
+    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
+    shared = dense and all(t.stride() == first.stride() for t in ts)
     return torch.empty_like(first) if shared else torch.empty(first.shape, dtype=first.dtype, device=first.device)
 
 
@@ -158,19 +154,19 @@ def group_norm_silu_ref(x: Tensor, num_groups: int, weight: Tensor | None, bias:
     return F.silu(y) if silu else y
 
 
-def cfg_ddim_step(step: "DDIMStep", x: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float,
+def cfg_ddim_step(x: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float, sqrt_alpha: float,
+                  sqrt_one_minus_alpha: float, sqrt_alpha_prev: float, direction: float,
                   prediction_type: str) -> tuple[Tensor, Tensor]:
-    """Guided model output ``uncond + s (cond - uncond)``, then ``sampler.ddim_update``'s step (no noise):
-    returns (x_prev, x0). Mixed dtypes (fp32 latents, a bf16 UNet's outputs) compute in the promoted dtype, as
-    the torch path does."""
+    """Guided model output ``uncond + s (cond - uncond)``, then ``sampler.ddim_update``'s step (no noise) with a
+    ``sampler.DDIMStep``'s coefficients: returns (x_prev, x0). Mixed dtypes (fp32 latents, a bf16 UNet's
+    outputs) compute in the promoted dtype, as the torch path does."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"the fused CFG-DDIM step supports prediction_type {' or '.join(PREDICTION_TYPES)}, "
                          f"got {prediction_type!r}; use ops.backend=torch for it")
     dtype = torch.promote_types(x.dtype, torch.promote_types(uncond.dtype, cond.dtype))
-    x_prev, x0 = torch.ops.textcraftor.cfg_ddim_step(
-        x.to(dtype), uncond.to(dtype), cond.to(dtype), float(guidance_scale), step.sqrt_alpha,
-        step.sqrt_one_minus_alpha, step.sqrt_alpha_prev, step.direction, prediction_type == "v_prediction")
-    return x_prev, x0
+    return torch.ops.textcraftor.cfg_ddim_step(
+        x.to(dtype), uncond.to(dtype), cond.to(dtype), float(guidance_scale), float(sqrt_alpha),
+        float(sqrt_one_minus_alpha), float(sqrt_alpha_prev), float(direction), prediction_type == "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------- module

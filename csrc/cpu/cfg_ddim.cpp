@@ -78,10 +78,11 @@ void backward_kernel(const T* g_prev, const T* g_x0, T* g_x, T* g_u, T* g_c, int
   });
 }
 
-// All tensors flat in one shared dense layout: the first tensor's when the others match it, else contiguous.
+// All tensors flat in one shared layout: the first tensor's when it is contiguous or channels-last and the
+// others have its strides (the batch halves of one UNet output do), else contiguous copies.
 std::vector<at::Tensor> same_dense_layout(std::initializer_list<at::Tensor> ts) {
   const at::Tensor& first = *ts.begin();
-  bool shared = first.is_non_overlapping_and_dense();
+  bool shared = first.is_contiguous() || (first.dim() == 4 && first.is_contiguous(at::MemoryFormat::ChannelsLast));
   for (const auto& t : ts) shared = shared && t.strides() == first.strides();
   std::vector<at::Tensor> out;
   for (const auto& t : ts) out.push_back(shared ? t : t.contiguous());
