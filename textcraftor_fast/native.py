@@ -1,9 +1,9 @@
 """The native op library (``csrc/``, built by ``make ext``): loading, autograd and fake kernels, functionals.
 
 ``csrc/registration.cpp`` defines the ``torch.ops.textcraftor`` operators; the CPU (and, when built for it,
-CUDA) kernels register there too. This module adds what torch.compile and autograd need, once per process
-when the library is first loaded: a fake (meta) kernel per op (``torch.library.register_fake``) and autograd
-formulas (``torch.library.register_autograd``) whose backward is the fused native backward op.
+CUDA) kernels and the autograd formulas (``csrc/autograd.cpp``: each backward is the fused native backward op)
+register in C++. This module adds what torch.compile and opcheck need, once per process when the library is
+first loaded: a fake (meta) kernel per op (``torch.library.register_fake``).
 
   group_norm_silu   GroupNorm with an optional fused SiLU; autograd saves only x, weight, bias and the (N, G)
                     fp32 mean/rstd (eager torch also saves the normalised activation for SiLU's backward).
@@ -67,10 +67,6 @@ def _register_python_kernels() -> None:
     torch.library.register_fake(lib + "group_norm_silu_backward")(_group_norm_silu_backward_fake)
     torch.library.register_fake(lib + "cfg_ddim_step")(_cfg_ddim_step_fake)
     torch.library.register_fake(lib + "cfg_ddim_step_backward")(_cfg_ddim_step_backward_fake)
-    torch.library.register_autograd(lib + "group_norm_silu", _group_norm_silu_backward,
-                                    setup_context=_group_norm_silu_setup)
-    torch.library.register_autograd(lib + "cfg_ddim_step", _cfg_ddim_step_backward,
-                                    setup_context=_cfg_ddim_step_setup)
 
 
 # ---------------------------------------------------------------------------------------------- fake kernels
@@ -112,32 +108,6 @@ def _cfg_ddim_step_fake(x, uncond, cond, *coefs):
 
 def _cfg_ddim_step_backward_fake(grad_x_prev, grad_x0, *coefs):
     return tuple(_like_first_if_shared(grad_x_prev, grad_x0) for _ in range(3))
-
-
-# ---------------------------------------------------------------------------------------------- autograd
-def _group_norm_silu_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, _eps, silu = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)  # not y: backward recomputes it from x and the stats
-    ctx.num_groups, ctx.silu = num_groups, silu
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _group_norm_silu_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.textcraftor.group_norm_silu_backward(grad_y, x, weight, bias, mean, rstd,
-                                                               ctx.num_groups, ctx.silu)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None)
-
-
-def _cfg_ddim_step_setup(ctx, inputs, output):
-    ctx.coefs = inputs[3:]  # guidance, the four DDIM coefficients, v_prediction: scalars only
-
-
-def _cfg_ddim_step_backward(ctx, grad_x_prev, grad_x0):
-    grads = torch.ops.textcraftor.cfg_ddim_step_backward(grad_x_prev, grad_x0, *ctx.coefs)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *([None] * len(ctx.coefs)))
 
 
 # ---------------------------------------------------------------------------------------------- functional
