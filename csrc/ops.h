@@ -7,7 +7,13 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace textcraftor {
+
+// Arithmetic type of the kernels: fp32 for fp32/bf16/fp16 data, fp64 for fp64 (gradcheck).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // (N, C, *) -> the group layout every kernel uses: N samples, G groups of CG channels, S spatial positions.
 struct GroupShape {
@@ -44,10 +50,88 @@ inline void check_cfg_ddim_args(const at::Tensor& x, const at::Tensor& uncond, c
               "cfg_ddim_step: x, uncond and cond must be on one device");
 }
 
+// GroupNorm kernels read channels-last (N, H, W, C) inputs in place; every other layout is copied to contiguous.
+inline bool use_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// mean/rstd and all reductions: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64.
+inline at::ScalarType stat_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// weight/bias as contiguous (C,) tensors in the statistics dtype; ones/zeros where absent.
+inline at::Tensor affine_or(const std::optional<at::Tensor>& t, const at::Tensor& x, double fill) {
+  if (t.has_value()) return t->to(stat_dtype(x)).contiguous();
+  return at::full({x.size(1)}, fill, x.options().dtype(stat_dtype(x)));
+}
+
+inline GroupShape check_group_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                                 const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                 const at::Tensor& rstd, int64_t num_groups) {
+  const GroupShape sh = check_group_norm_args(input, weight, bias, num_groups);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "group_norm_silu_backward: grad_out ", grad_out.sizes(),
+              " != input ", input.sizes());
+  TORCH_CHECK(mean.numel() == sh.N * sh.G && rstd.numel() == sh.N * sh.G && mean.scalar_type() == stat_dtype(input) &&
+                  rstd.scalar_type() == stat_dtype(input),
+              "group_norm_silu_backward: mean/rstd must be (N, G) in ", stat_dtype(input));
+  return sh;
+}
+
+// Elementwise kernels read all tensors flat in one shared layout: the first tensor's when it is contiguous or
+// channels-last and the others have its strides (the batch halves of one UNet output do), else contiguous copies.
+inline std::vector<at::Tensor> same_dense_layout(std::initializer_list<at::Tensor> ts) {
+  const at::Tensor& first = *ts.begin();
+  bool shared = first.is_contiguous() || (first.dim() == 4 && first.is_contiguous(at::MemoryFormat::ChannelsLast));
+  for (const auto& t : ts) shared = shared && t.strides() == first.strides();
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(shared ? t : t.contiguous());
+  return out;
+}
+
 // The DDIM coefficients of one step (sampler.DDIMStep) and the guidance scale, as the kernels use them.
 struct DDIMCoefs {
   double guidance, sqrt_alpha, sqrt_one_minus_alpha, sqrt_alpha_prev, direction;
   bool v_prediction;
+};
+
+// One element of the fused CFG + DDIM step and of its backward, in the accumulation type A (formulas in
+// csrc/cpu/cfg_ddim.cpp's header); shared by the CPU loop and the CUDA kernel.
+template <typename A>
+struct CfgDdimMath {
+  A s, a, b, ap, d;
+  bool v;
+
+  explicit CfgDdimMath(const DDIMCoefs& k)
+      : s(k.guidance), a(k.sqrt_alpha), b(k.sqrt_one_minus_alpha), ap(k.sqrt_alpha_prev), d(k.direction),
+        v(k.v_prediction) {}
+
+  C10_HOST_DEVICE void forward(A x, A u, A c, A& x_prev, A& x0) const {
+    const A m = u + s * (c - u);  // the guided model output, in the torch path's order
+    if (v) {
+      x0 = a * x - b * m;
+      x_prev = ap * x0 + d * (a * m + b * x);
+    } else {
+      x0 = (x - b * m) / a;
+      x_prev = ap * x0 + d * m;
+    }
+  }
+
+  C10_HOST_DEVICE void backward(A g_prev, A g_x0, A& g_x, A& g_u, A& g_c) const {
+    const A g0 = g_x0 + ap * g_prev;  // everything that reaches x0
+    A gm;
+    if (v) {
+      const A ge = d * g_prev;
+      gm = a * ge - b * g0;
+      g_x = a * g0 + b * ge;
+    } else {
+      gm = d * g_prev - (b / a) * g0;
+      g_x = g0 / a;
+    }
+    g_u = (A(1) - s) * gm;
+    g_c = s * gm;
+  }
 };
 
 }  // namespace textcraftor

@@ -24,69 +24,33 @@
 namespace textcraftor {
 namespace {
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 constexpr int64_t kGrain = 16384;
 
 template <typename T>
 void forward_kernel(const T* x, const T* u, const T* c, T* x_prev, T* x0, int64_t n, const DDIMCoefs& k) {
-  using A = acc_t<T>;
-  const A s = k.guidance, a = k.sqrt_alpha, b = k.sqrt_one_minus_alpha, ap = k.sqrt_alpha_prev, d = k.direction;
+  const CfgDdimMath<acc_t<T>> f(k);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    if (k.v_prediction) {
-      for (int64_t i = begin; i < end; ++i) {
-        const A xi = x[i], ui = u[i];
-        const A v = ui + s * (static_cast<A>(c[i]) - ui);
-        const A x0i = a * xi - b * v, eps = a * v + b * xi;
-        x0[i] = static_cast<T>(x0i);
-        x_prev[i] = static_cast<T>(ap * x0i + d * eps);
-      }
-    } else {
-      for (int64_t i = begin; i < end; ++i) {
-        const A ui = u[i];
-        const A m = ui + s * (static_cast<A>(c[i]) - ui);
-        const A x0i = (static_cast<A>(x[i]) - b * m) / a;
-        x0[i] = static_cast<T>(x0i);
-        x_prev[i] = static_cast<T>(ap * x0i + d * m);
-      }
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t<T> xp, x0i;
+      f.forward(x[i], u[i], c[i], xp, x0i);
+      x_prev[i] = static_cast<T>(xp);
+      x0[i] = static_cast<T>(x0i);
     }
   });
 }
 
 template <typename T>
 void backward_kernel(const T* g_prev, const T* g_x0, T* g_x, T* g_u, T* g_c, int64_t n, const DDIMCoefs& k) {
-  using A = acc_t<T>;
-  const A s = k.guidance, a = k.sqrt_alpha, b = k.sqrt_one_minus_alpha, ap = k.sqrt_alpha_prev, d = k.direction;
+  const CfgDdimMath<acc_t<T>> f(k);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const A gp = g_prev[i];
-      const A g0 = static_cast<A>(g_x0[i]) + ap * gp;
-      A gm, gx;
-      if (k.v_prediction) {
-        const A ge = d * gp;
-        gm = a * ge - b * g0;
-        gx = a * g0 + b * ge;
-      } else {
-        gm = d * gp - (b / a) * g0;
-        gx = g0 / a;
-      }
+      acc_t<T> gx, gu, gc;
+      f.backward(g_prev[i], g_x0[i], gx, gu, gc);
       g_x[i] = static_cast<T>(gx);
-      g_u[i] = static_cast<T>((A(1) - s) * gm);
-      g_c[i] = static_cast<T>(s * gm);
+      g_u[i] = static_cast<T>(gu);
+      g_c[i] = static_cast<T>(gc);
     }
   });
-}
-
-// All tensors flat in one shared layout: the first tensor's when it is contiguous or channels-last and the
-// others have its strides (the batch halves of one UNet output do), else contiguous copies.
-std::vector<at::Tensor> same_dense_layout(std::initializer_list<at::Tensor> ts) {
-  const at::Tensor& first = *ts.begin();
-  bool shared = first.is_contiguous() || (first.dim() == 4 && first.is_contiguous(at::MemoryFormat::ChannelsLast));
-  for (const auto& t : ts) shared = shared && t.strides() == first.strides();
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(shared ? t : t.contiguous());
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cpu(const at::Tensor& x, const at::Tensor& uncond,

@@ -32,9 +32,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 constexpr int64_t kFlush = 4096;  // elements summed in vector lanes before flushing into fp64
 
 // Groups per task: at least ~32k elements each, so small maps (the tiny world's) stay on one thread instead of
@@ -302,20 +299,6 @@ void backward_kernel(const at::Tensor& dz, const at::Tensor& x, const at::Tensor
   });
 }
 
-bool use_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::ScalarType stat_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// weight/bias as contiguous (C,) tensors in the statistics dtype; ones/zeros where absent.
-at::Tensor affine_or(const std::optional<at::Tensor>& t, const at::Tensor& x, double fill) {
-  if (t.has_value()) return t->to(stat_dtype(x)).contiguous();
-  return at::full({x.size(1)}, fill, x.options().dtype(stat_dtype(x)));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& input,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
@@ -342,12 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
     bool silu) {
-  const GroupShape sh = check_group_norm_args(input, weight, bias, num_groups);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "group_norm_silu_backward: grad_out ", grad_out.sizes(),
-              " != input ", input.sizes());
-  TORCH_CHECK(mean.numel() == sh.N * sh.G && rstd.numel() == sh.N * sh.G && mean.scalar_type() == stat_dtype(input) &&
-                  rstd.scalar_type() == stat_dtype(input),
-              "group_norm_silu_backward: mean/rstd must be (N, G) in ", stat_dtype(input));
+  const GroupShape sh = check_group_norm_backward_args(grad_out, input, weight, bias, mean, rstd, num_groups);
   const bool cl = use_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(fmt), dz = grad_out.to(input.scalar_type()).contiguous(fmt);
