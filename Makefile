@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Two entry points: `make demo` and `make test`. Both create .venv on first use, and both build the native op
+# library (`make ext`) when a C++ compiler is present, continuing with the torch ops when it cannot be built.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean ext ext-if-possible
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +25,26 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) ext-if-possible
 	$(BIN)/textcraftor-fast demo
+
+# The native op library: csrc/ -> textcraftor_fast/_native/libtextcraftor_ops.so (docs/native_ops.md), built
+# with CMake against the venv's torch; CMake comes from the package registry when the machine lacks it.
+# Incremental; `make ext EXT_JOBS=1` on a busy machine.
+EXT_BUILD := build-ext
+EXT_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+ext: $(STAMP)
+	@cmake=$$(command -v cmake || echo $(BIN)/cmake); \
+	if [ ! -x "$$cmake" ]; then $(BIN)/pip install -q cmake && cmake=$(BIN)/cmake; fi; \
+	set -x; "$$cmake" -S . -B $(EXT_BUILD) -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(BIN)/python) \
+	  && "$$cmake" --build $(EXT_BUILD) --parallel $(EXT_JOBS)
+
+# What `make test` / `make demo` run: the library when it can be built, else a note and the torch ops.
+ext-if-possible: $(STAMP)
+	@if command -v $${CXX:-c++} >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory ext || echo "native ops not built (see above): continuing with the torch ops"; \
+	else echo "native ops not built (no C++ compiler): continuing with the torch ops"; fi
 
 # The OpenAI BPE file the shipped tokenizer was converted from, as the open_clip_torch wheel carries it: the
 # tokenizer test rebuilds the shipped vocabulary from it (downloaded from the registry, never imported).
@@ -34,11 +53,11 @@ OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 $(OPEN_CLIP_WHEEL): | $(BIN)/python
 	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
-test: $(STAMP) $(OPEN_CLIP_WHEEL)
+test: $(STAMP) $(OPEN_CLIP_WHEEL) ext-if-possible
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-json=benchmarks/results/latest.json benchmarks
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) outputs build *.egg-info $(EXT_BUILD) textcraftor_fast/_native

@@ -15,3 +15,14 @@ if not torch.cuda.is_available():
 # OpenMP's spin-waiting makes a second thread 10-100x slower (measured: a tiny UNet call 0.025 s vs 2 s).
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def hide_native_library(monkeypatch, tmp_path):
+    """The package as on a machine where `make ext` never ran: the native library's path holds no file."""
+    from textcraftor_fast import native
+
+    monkeypatch.setattr(native, "library_path", lambda: tmp_path / native.LIBRARY_NAME)

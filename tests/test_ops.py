@@ -13,19 +13,19 @@ from tests.kernels.tolerance import assert_close_to_ref
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.models.tiny import TINY_UNET, TINY_VAE
-from textcraftor_fast import ops
+from textcraftor_fast import native, ops
 from textcraftor_fast.ops import apply_ops, resolve_backend, swap_groupnorm_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_auto_backend_is_torch_without_cuda_and_explicit_triton_needs_a_gpu(monkeypatch):
+def test_auto_backend_is_torch_without_cuda_and_explicit_triton_needs_a_gpu(monkeypatch, hide_native_library):
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="ops.backend='triton' needs a CUDA device"):
         resolve_backend("triton", "cpu")
-    with pytest.raises(ValueError, match="auto, torch, triton"):
+    with pytest.raises(ValueError, match="auto, torch, triton, cpp"):
         resolve_backend("cuda", "cpu")
 
 
@@ -43,8 +43,14 @@ def _run_block(block, x, temb, dout):
     return {"out": out.detach(), "dx": x.grad, **({} if temb is None else {"dtemb": temb.grad}), **grads}
 
 
+needs_native = pytest.mark.skipif(not native.has_device_kernels(DEVICE),
+                                  reason=f"native library not built (`make ext`) or without {DEVICE} kernels")
+BACKENDS = ["triton", pytest.param("cpp", marks=needs_native)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["default", "scale_shift", "group", "up", "down"])
-def test_fused_resnet_block_matches_diffusers(kind):
+def test_fused_resnet_block_matches_diffusers(kind, backend):
     # 12 -> 18 channels in 6 groups: 2 and 3 channels per group (not powers of two: masked lanes).
     # "group" is the VAE's setting: no time embedding at all.
     kw = dict(in_channels=12, out_channels=18, temb_channels=None if kind == "group" else 16, groups=6, eps=1e-5,
@@ -53,7 +59,7 @@ def test_fused_resnet_block_matches_diffusers(kind):
     torch.manual_seed(0)
     ref = ResnetBlock2D(**kw).double()
     stock, fused = copy.deepcopy(ref).to(DEVICE), copy.deepcopy(ref).to(DEVICE)
-    fused_norms, plain = swap_groupnorm_silu(fused)
+    fused_norms, plain = swap_groupnorm_silu(fused, backend)
     assert (fused_norms, plain) == ((1, 1) if kind == "scale_shift" else (2, 0))
     assert type(fused).__name__ == "FusedResnetBlock2D" and fused.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, 12, 6, 6, dtype=torch.float64)
@@ -86,7 +92,7 @@ def test_swaps_in_tiny_unet_and_vae_count_what_the_architecture_holds():
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in list(unet.modules()) + list(vae.modules()))
 
 
-def test_auto_keeps_sdpa_attention_and_explicit_choices_win(monkeypatch):
+def test_auto_keeps_sdpa_attention_and_explicit_choices_win(monkeypatch, hide_native_library):
     monkeypatch.setattr(ops, "_cuda_capability", lambda device: (9, 0))  # a Hopper card, as measured
 
     def counts(backend, device, attention="auto"):
@@ -119,14 +125,16 @@ def _encoder_grads(backend: str, tmp_path) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in trainer.text_encoder.named_parameters()}
 
 
-def test_triton_backend_gives_the_text_encoder_gradient_of_the_torch_backend(tmp_path):
-    """The real sampler (2 checkpointed grad steps, checkpointed VAE decode) on tiny UNet + VAE."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_gives_the_text_encoder_gradient_of_the_torch_backend(tmp_path, backend):
+    """The real sampler (2 checkpointed grad steps, checkpointed VAE decode) on tiny UNet + VAE; cpp also runs
+    the sampler's fused CFG-DDIM step."""
     # On a GPU both runs must be true fp32: TF32 convs/matmuls alone move this gradient by ~1e-3 relative.
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            ref, ours = _encoder_grads("torch", tmp_path), _encoder_grads("triton", tmp_path)
+            ref, ours = _encoder_grads("torch", tmp_path), _encoder_grads(backend, tmp_path)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     assert ref.keys() == ours.keys() and len(ref) > 0
@@ -134,4 +142,4 @@ def test_triton_backend_gives_the_text_encoder_gradient_of_the_torch_backend(tmp
     assert scale > 0
     for name in ref:
         err = (ours[name] - ref[name]).abs().max().item()
-        assert err <= 1e-4 * scale, f"{name}: max |triton - torch| = {err:.3e} (grad scale {scale:.3e})"
+        assert err <= 1e-4 * scale, f"{name}: max |{backend} - torch| = {err:.3e} (grad scale {scale:.3e})"

@@ -212,10 +212,12 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class OpsConfig:
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    backend: Literal["auto", "torch", "triton", "cpp"] = "auto"
     """Op implementations swapped into the UNet and VAE: 'triton' = our fused GroupNorm+SiLU, GEGLU and flash
-    attention kernels (CUDA); 'torch' = stock PyTorch; 'auto' = triton GroupNorm+SiLU and GEGLU on an Ampere+ GPU
-    when Triton is installed, with attention left to SDPA (faster on H100, docs/kernels.md), else torch."""
+    attention kernels (CUDA); 'cpp' = the native library built by `make ext` (fused GroupNorm+SiLU, and the
+    sampler's fused CFG-DDIM step; docs/native_ops.md); 'torch' = stock PyTorch; 'auto' = triton GroupNorm+SiLU
+    and GEGLU on an Ampere+ GPU when Triton is installed, with attention left to SDPA (faster on H100,
+    docs/kernels.md), cpp on CPU when the native library is built, else torch."""
     attention: Literal["auto", "sdpa", "triton"] = "auto"
     """UNet/VAE attention: 'auto' = triton when backend='triton', else SDPA; 'sdpa' or 'triton' force one."""
     channels_last: bool = False

@@ -31,7 +31,7 @@ from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .monitor import embedding_monitor
-from .ops import apply_ops
+from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
@@ -147,6 +147,7 @@ class Trainer:
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
         self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device,
                                     cfg.ops.attention)
+        self.fused_step = resolve_backend(cfg.ops.backend, self.device) == "cpp"  # native CFG-DDIM step
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
@@ -219,9 +220,11 @@ class Trainer:
             shape = (len(prompts), self.latent_channels, self.latent_size, self.latent_size)
             x_T = torch.randn(shape, generator=self.generator, device=self.device)  # (B, 4, h, w)
             noise_fn = lambda x: torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-            latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn)
+            latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn,
+                                     self.fused_step)
             if s.draft_lv_samples > 0:
-                latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator)
+                latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator,
+                                           self.fused_step)
                 prompts = prompts * s.draft_lv_samples
             images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
             total, parts = self.rewards(images, prompts)

@@ -8,8 +8,11 @@ are untouched; only forward (and its backward) changes.
 Backends (``ops.backend``):
   torch   stock PyTorch (diffusers' SDPA attention processor, nn.GroupNorm, eager GEGLU);
   triton  the kernels in ``textcraftor_fast.kernels`` (CUDA; on CPU only under TRITON_INTERPRET=1, for tests);
+  cpp     the native library (``csrc/``, ``make ext``; ``textcraftor_fast.native``): fused GroupNorm+SiLU in the
+          UNet and VAE, and the sampler's fused CFG-DDIM step (the engine asks ``resolve_backend`` for it);
   auto    on an Ampere+ GPU with Triton: Triton GroupNorm(+SiLU) and GEGLU, attention left to SDPA (its cuDNN
-          and flash backends beat our attention kernel on H100); elsewhere the best available (torch today).
+          and flash backends beat our attention kernel on H100); on CPU: cpp when the library is built;
+          elsewhere torch.
 ``ops.attention`` = sdpa | triton overrides the attention choice either way.
 """
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpp")
 ATTENTION = ("auto", "sdpa", "triton")
 
 
@@ -47,7 +52,15 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         # Ampere or newer: the kernels are bf16 throughout and were measured on Hopper (docs/kernels.md).
         if device.type == "cuda" and _triton_installed() and _cuda_capability(device) >= (8, 0):
             return "triton"
+        if device.type == "cpu" and native.has_device_kernels(device):
+            return "cpp"
         return "torch"
+    if requested == "cpp" and not native.has_device_kernels(device):
+        built = native.available()
+        raise RuntimeError(f"ops.backend='cpp' but the native library "
+                           + (f"has no {device.type} kernels (build it on a machine with a CUDA torch and nvcc)"
+                              if built else f"is not built ({native.library_path()}): run `make ext` (needs a "
+                              "C++ compiler and CMake)") + ", or set ops.backend=auto/torch")
     if requested == "triton":
         if not _triton_installed():
             raise RuntimeError("ops.backend='triton' but Triton is not installed: pip install "
@@ -117,36 +130,44 @@ def _fused_resnet_block_class() -> type:
     return FusedResnetBlock2D
 
 
-def swap_groupnorm_silu(model: nn.Module) -> tuple[int, int]:
-    """Triton GroupNorm in ``model``: fused with the SiLU that follows it where one does.
+def _groupnorm_factory(backend: str) -> Callable[[nn.GroupNorm, bool], nn.Module]:
+    """``build(gn, silu)`` for the backend's GroupNorm module (both share gn's parameters)."""
+    if backend == "cpp":
+        return native.NativeGroupNorm.from_torch
+    if backend == "triton":
+        from .kernels.groupnorm import TritonGroupNorm
+        return TritonGroupNorm.from_torch
+    raise ValueError(f"swap_groupnorm_silu: backend={backend!r} is not one of triton, cpp")
+
+
+def swap_groupnorm_silu(model: nn.Module, backend: str = "triton") -> tuple[int, int]:
+    """The backend's (triton | cpp) GroupNorm in ``model``: fused with the SiLU that follows it where one does.
 
     Fused: ResnetBlock2D's norm1 and norm2 (norm2 stays unfused under scale_shift), and every
     ``conv_norm_out`` + ``conv_act`` pair (UNet output, VAE decoder/encoder). Every other nn.GroupNorm
-    (transformer input norms, VAE attention group_norm) gets the plain Triton GroupNorm.
+    (transformer input norms, VAE attention group_norm) gets the backend's plain GroupNorm.
     Returns (fused GroupNorm+SiLU count, plain GroupNorm count).
     """
     from diffusers.models.resnet import ResnetBlock2D
 
-    from .kernels.groupnorm import TritonGroupNorm
-
+    make = _groupnorm_factory(backend)
     fused_cls = _fused_resnet_block_class()
     fused = plain = 0
     for module in list(model.modules()):
         if (type(module) is ResnetBlock2D and isinstance(module.nonlinearity, nn.SiLU)
                 and isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm)):
             fuse2 = module.time_embedding_norm != "scale_shift"
-            module.norm1 = TritonGroupNorm.from_torch(module.norm1, silu=True)
-            module.norm2 = TritonGroupNorm.from_torch(module.norm2, silu=fuse2)
+            module.norm1 = make(module.norm1, True)
+            module.norm2 = make(module.norm2, fuse2)
             module.__class__ = fused_cls
             fused += 1 + fuse2
             plain += 1 - fuse2
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU):
-            module.conv_norm_out = TritonGroupNorm.from_torch(norm, silu=True)
+            module.conv_norm_out = make(norm, True)
             module.conv_act = nn.Identity()
             fused += 1
-    plain += _replace_children(model, lambda m: type(m) is nn.GroupNorm,
-                               lambda m: TritonGroupNorm.from_torch(m, silu=False))
+    plain += _replace_children(model, lambda m: type(m) is nn.GroupNorm, lambda m: make(m, False))
     return fused, plain
 
 
@@ -248,18 +269,30 @@ def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.devic
     use_attention = _triton_attention(backend, chosen, attention, device)
     counts = {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
     for model in models.values():
-        if chosen == "triton":
-            fused, plain = swap_groupnorm_silu(model)
+        if chosen in ("triton", "cpp"):
+            fused, plain = swap_groupnorm_silu(model, chosen)
             counts["GroupNorm+SiLU"] += fused
             counts["GroupNorm"] += plain
+        if chosen == "triton":
             counts["GEGLU"] += swap_geglu(model)
         if use_attention:
             counts["attention"] += swap_attention(model)
-    if chosen == "triton" or use_attention:
+    if chosen != "torch" or use_attention:
         summary = ", ".join(f"{name} x{n}" for name, n in counts.items() if n)
-        sdpa = "" if use_attention else "; attention: SDPA"
-        logger.info("ops: triton %s (in %s)%s", summary or "nothing to swap", ", ".join(models), sdpa)
+        extra = "" if use_attention else "; attention: SDPA"
+        if chosen == "cpp":
+            extra += "; sampler: native CFG-DDIM step"
+        logger.info("ops: %s %s (in %s)%s", "triton" if chosen == "torch" else chosen, summary or "nothing to swap",
+                    ", ".join(models), extra)
     else:
-        why = " (requested)" if backend == "torch" else f" (auto: {torch.device(device).type} device)"
-        logger.info("ops: torch%s", why)
+        logger.info("ops: torch%s", _torch_reason(backend, device))
     return counts
+
+
+def _torch_reason(backend: str, device: torch.device | str) -> str:
+    if backend == "torch":
+        return " (requested)"
+    device = torch.device(device)
+    if device.type == "cpu" and not native.available():
+        return " (auto: cpu device; native library not built: `make ext` builds it)"
+    return f" (auto: {device.type} device)"

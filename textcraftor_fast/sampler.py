@@ -91,11 +91,15 @@ def ddim_update(step: DDIMStep, x: Tensor, model_output: Tensor, prediction_type
     else:
         raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
     x_prev = step.sqrt_alpha_prev * x0 + step.direction * eps
+    return _add_noise(step, x_prev, noise), x0
+
+
+def _add_noise(step: DDIMStep, x_prev: Tensor, noise: Tensor | None) -> Tensor:
     if step.std > 0:
         if noise is None:
             raise ValueError("eta > 0 needs a noise tensor for every step")
         x_prev = x_prev + step.std * noise
-    return x_prev, x0
+    return x_prev
 
 
 @dataclass
@@ -106,16 +110,45 @@ class Embeddings:
     uncond: Tensor
 
 
+def cfg_model_outputs(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor]:
+    """(uncond, cond) UNet predictions, batched into one UNet call."""
+    b = x.shape[0]
+    emb = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, L, D)
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample  # (2B, C, h, w)
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond, out_cond
+
+
 def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond: Tensor,
                         guidance_scale: float) -> Tensor:
     """UNet prediction with CFG; cond and uncond batched into one UNet call."""
     if guidance_scale == 1.0:
         return unet(x, t, encoder_hidden_states=cond).sample
-    b = x.shape[0]
-    emb = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, L, D)
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample  # (2B, C, h, w)
-    out_uncond, out_cond = out.chunk(2)
+    out_uncond, out_cond = cfg_model_outputs(unet, x, t, cond, uncond)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def guided_ddim_step(unet: nn.Module, step: DDIMStep, x: Tensor, cond: Tensor, uncond: Tensor,
+                     guidance_scale: float, prediction_type: str, noise: Tensor | None = None,
+                     use_checkpoint: bool = False, fused: bool = False) -> Tensor:
+    """x_t -> x_prev: the guided UNet call (checkpointed when asked), then the DDIM update.
+
+    ``fused`` (ops.backend = cpp) runs guidance + update as the native ``cfg_ddim_step`` op, one pass instead
+    of ~6 elementwise kernels, equal to this torch path to float rounding (tests/test_native_ops.py); it
+    applies with CFG (scale != 1) and epsilon / v-prediction, the torch path runs everything else.
+    """
+    if fused and guidance_scale != 1.0 and prediction_type in ("epsilon", "v_prediction"):
+        from .native import cfg_ddim_step
+
+        fn = lambda x_, c_, u_: cfg_model_outputs(unet, x_, step.timestep, c_, u_)
+        out_uncond, out_cond = checkpoint(fn, x, cond, uncond, use_reentrant=False) if use_checkpoint \
+            else fn(x, cond, uncond)
+        x_prev, _ = cfg_ddim_step(x, out_uncond, out_cond, guidance_scale, step.sqrt_alpha,
+                                  step.sqrt_one_minus_alpha, step.sqrt_alpha_prev, step.direction, prediction_type)
+        return _add_noise(step, x_prev, noise)
+    fn = lambda x_, c_, u_: guided_model_output(unet, x_, step.timestep, c_, u_, guidance_scale)
+    out = checkpoint(fn, x, cond, uncond, use_reentrant=False) if use_checkpoint else fn(x, cond, uncond)
+    return ddim_update(step, x, out, prediction_type, noise)[0]
 
 
 def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: int) -> SamplerConfig:
@@ -136,13 +169,13 @@ def _should_checkpoint(policy: str, every: int, grad_index: int) -> bool:
 
 def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
                    trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
-                   noise_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                   noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False) -> Tensor:
     """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
 
     Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
     graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`). With
     `trainable=None` the whole chain is a plain no-grad sample on `frozen` (evaluation, base model).
-    `noise_fn(shape_like)` gives the per-step noise when eta > 0.
+    `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see `guided_ddim_step`.
     """
     n = len(schedule.steps)
     k = cfg.grad_steps if grad_steps is None else grad_steps
@@ -157,21 +190,17 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
         noise = noise_fn(x) if step.std > 0 and noise_fn is not None else None
         if i < n - k:
             with torch.no_grad():
-                out = guided_model_output(unet, x, step.timestep, emb.cond.detach(), emb.uncond.detach(),
-                                          cfg.guidance_scale)
-                x, _ = ddim_update(step, x, out, schedule.prediction_type, noise)
+                x = guided_ddim_step(unet, step, x, emb.cond.detach(), emb.uncond.detach(), cfg.guidance_scale,
+                                     schedule.prediction_type, noise, fused=fused_step)
             continue
-        fn = lambda x_, c_, u_, t_=step.timestep: guided_model_output(unet, x_, t_, c_, u_, cfg.guidance_scale)
-        if _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k)):
-            out = checkpoint(fn, x, emb.cond, emb.uncond, use_reentrant=False)
-        else:
-            out = fn(x, emb.cond, emb.uncond)
-        x, _ = ddim_update(step, x, out, schedule.prediction_type, noise)
+        x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
+                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k)),
+                             fused_step)
     return x
 
 
 def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
-                     cfg: SamplerConfig, generator: torch.Generator | None = None) -> Tensor:
+                     cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False) -> Tensor:
     """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
     differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B)."""
     last = schedule.steps[-1]
@@ -180,10 +209,8 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
     for _ in range(cfg.draft_lv_samples):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
-        fn = lambda x_, c_, u_: guided_model_output(unet, x_, last.timestep, c_, u_, cfg.guidance_scale)
-        out = checkpoint(fn, x_t, trainable.cond, trainable.uncond, use_reentrant=False) \
-            if cfg.checkpoint != "none" else fn(x_t, trainable.cond, trainable.uncond)
-        outs.append(ddim_update(last, x_t, out, schedule.prediction_type)[0])
+        outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
+                                     schedule.prediction_type, None, cfg.checkpoint != "none", fused_step))
     return torch.cat(outs)
 
 
