@@ -148,8 +148,9 @@ def test_demo_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue #8 open: the shipped design FAILs on the test split at every seed 0-4 and thread count 1, 2 "
-    "(shape -0.040..+0.006; docs/tiny_world.md); strict, so a design that passes turns this red until it is removed"))
+    "issue #8 open: on world 4's test split the shipped design passes 2 of 10 runs; make demo's (seed 0, "
+    "2 threads) raises shape but loses size (-0.028 [-0.040, -0.015]; docs/tiny_world.md); strict, so a design "
+    "that passes turns this red until it is removed"))
 def test_make_demo_passes_on_test_split(tmp_path):
     # Exactly `make demo`'s main arm: the shipped seed at 2 threads, set inside the run. While it fails this is
     # one known-failing run (~6 minutes); when a design passes, drop the xfail and check a second point too
