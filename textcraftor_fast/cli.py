@@ -1,4 +1,4 @@
-"""`textcraftor-fast train|generate|export|demo`: the only place that configures logging.
+"""`textcraftor-fast train|evaluate|generate|export|demo`: the only place that configures logging.
 
 Bad input exits with status 2 and a one-line error (no traceback); `--debug` shows the traceback.
 """
@@ -87,6 +87,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvalOptions, evaluate
+
+    cfg = load_config(args.config, list(args.set or []))
+    prompts = args.prompts or ("builtin:tiny_world" if cfg.model.kind == "tiny_world" else "builtin:parti")
+    opts = EvalOptions(prompts=prompts, max_prompts=args.max_prompts, seeds_per_prompt=args.seeds_per_prompt,
+                       weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
+                       switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
+                       switch_step=args.switch_step, num_steps=args.steps, batch_size=args.batch_size,
+                       grid_prompts=args.grid_prompts, device=cfg.train.device)
+    result = evaluate(cfg, args.text_encoder or [], args.out, opts, names=args.name)
+    print(result.files["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _number_list(kind: type):
+    def parse(text: str) -> list:
+        if text.strip().lower() == "none":
+            return []
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as 0,1 (or 'none'), "
+                                             f"got {text!r}") from None
+    return parse
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -130,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,export,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate,export,demo}")
 
     def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
         sp.add_argument("--config", required=config_required, help="TOML config file (e.g. configs/tiny.toml) or builtin:tiny")
@@ -161,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layout", choices=["diffusers", "single_file"], default="diffusers")
     e.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95% "
+                                        "intervals, picture grid, interpolation and switch-step curves")
+    common(v)
+    v.add_argument("--text-encoder", action="append", metavar="PATH",
+                   help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
+                        "original alone)")
+    v.add_argument("--name", action="append", help="a column name per --text-encoder (default: its run folder)")
+    v.add_argument("--prompts", help="prompt file, builtin:parti, or builtin:tiny_world[:validation] (default: "
+                                     "builtin:tiny_world for the tiny world, else builtin:parti)")
+    v.add_argument("--max-prompts", type=int, metavar="N", help="the first N distinct prompts")
+    v.add_argument("--seeds-per-prompt", type=int, default=1, metavar="N", help="paired noise seeds per prompt")
+    v.add_argument("--weights", type=_number_list(float), metavar="W,W,...",
+                   help="interpolation weights of the w-curve (default 0,0.25,0.5,0.75,1; 'none' skips it)")
+    v.add_argument("--switch-steps", type=_number_list(int), metavar="S,S,...",
+                   help="switch steps of the switch-step curve (default 0,n/4,n/2,3n/4; 'none' skips it)")
+    v.add_argument("--switch-step", type=int, help="where tuned encoders take over in the table (default: the "
+                                                   "config's sampler.switch_step, or num_steps - grad_steps)")
+    v.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--grid-prompts", type=int, default=8, metavar="N", help="rows of the picture grid")
+    v.add_argument("--out", default="outputs/evaluate", help="output folder (its cache/ makes reruns resume)")
+    v.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("demo", help="the embedded tiny world: fine-tune, evaluate before/after, write images; "
                                     "with --seeds/--threads, the robustness sweep (exit status 1 unless every "
