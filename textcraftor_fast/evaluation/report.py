@@ -4,12 +4,8 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from .result import EvalResult
 from .stats import is_monotone
-
-if TYPE_CHECKING:
-    from .runner import EvalResult
 
 
 def _interval(row: dict) -> str:

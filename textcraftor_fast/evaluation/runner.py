@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +25,7 @@ from . import report
 from .cache import ScoreCache, fingerprint, weights_fingerprint
 from .core import EVAL_SEED0, Variant, conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
 from .prompts import eval_prompts, is_tiny_world_set
+from .result import EvalResult
 from .stats import compare_paired, mean_ci, paired_diff
 
 logger = logging.getLogger(__name__)
@@ -63,18 +64,6 @@ class EvalOptions:
                 raise ValueError(f"evaluate: {key} must be an integer >= {low}, got {getattr(self, key)}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"evaluate: max_prompts must be >= 1 or unset, got {self.max_prompts}")
-
-
-@dataclass
-class EvalResult:
-    out_dir: Path
-    table: dict[str, dict[str, dict[str, float]]]
-    """encoder name -> metric -> before/after means, paired diff and its 95% interval."""
-    curves: dict[str, dict[str, list[dict]]]
-    """encoder name -> 'weight' | 'switch_step' -> one point per setting (means and paired diffs per metric)."""
-    scores: dict[str, dict[str, Tensor]] = field(repr=False)
-    """variant label -> metric -> per-sample scores (N,)."""
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 def _device(name: str) -> torch.device:
