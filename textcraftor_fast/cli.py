@@ -68,7 +68,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     opts = GenerateOptions(num_steps=args.steps or cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-                           switch_step=args.switch_step, weight=args.weight, seed=args.seed)
+                           switch_step=args.switch_step, weight=args.weight, seed=args.seed,
+                           timestep_spacing=cfg.sampler.timestep_spacing)
     paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
                      cfg.train.device)
     print(f"wrote {len(paths)} images to {args.out}")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight", type=float, default=1.0, help="interpolation w for a single encoder (default 1)")
     g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
     g.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="image i starts from seed + i's noise (default 0)")
     g.add_argument("--out", default="outputs/generate", help="output folder for PNGs")
     g.set_defaults(func=_cmd_generate)
 
