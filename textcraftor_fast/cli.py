@@ -64,15 +64,15 @@ def _read_prompt_args(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import GenerateOptions, generate
+    from .inference import GRID_NAME, GenerateOptions, generate
 
     cfg = load_config(args.config, list(args.set or []))
     opts = GenerateOptions(num_steps=args.steps or cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
                            switch_step=args.switch_step, weight=args.weight, seed=args.seed,
                            timestep_spacing=cfg.sampler.timestep_spacing)
     paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
-                     cfg.train.device)
-    print(f"wrote {len(paths)} images to {args.out}")
+                     cfg.train.device, grid=args.grid)
+    print(f"wrote {len(paths)} images to {args.out}" + (f" and the contact sheet {GRID_NAME}" if args.grid else ""))
     return 0
 
 
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
     g.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
     g.add_argument("--seed", type=int, default=0, help="image i starts from seed + i's noise (default 0)")
-    g.add_argument("--out", default="outputs/generate", help="output folder for PNGs")
+    g.add_argument("--out", default="outputs/generate",
+                   help="output folder for PNGs (each records its prompt, seed and settings as PNG text)")
+    g.add_argument("--grid", action="store_true", help="also write grid.png: every image labelled with its prompt")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("export", help="export a tuned text encoder: a text_encoder/ folder, a whole diffusers "

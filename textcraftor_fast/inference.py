@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -95,12 +95,17 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
     return torch.cat(images)
 
 
+GRID_NAME = "grid.png"
+
+
 def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_encoders: Sequence[str] = (),
              weights: Sequence[float] | None = None, opts: GenerateOptions = GenerateOptions(),
-             device: str = "auto") -> list[Path]:
-    """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths."""
-    from PIL import Image
+             device: str = "auto", grid: bool = False) -> list[Path]:
+    """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths.
 
+    Each PNG carries its settings as text chunks (`image_settings`); `grid` also writes all images on one
+    labelled contact sheet, `out_dir / GRID_NAME`.
+    """
     from .loaders import load_components
     from .models import load_text_encoder
 
@@ -118,17 +123,47 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     shape = (comp.unet.config.in_channels, side, side)
     images = generate_images(comp.unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
                              tuned, weights, prompts, opts, shape, dev)
-    out = Path(out_dir)
+    settings = [image_settings(model, prompt, i, opts, text_encoders, weights) for i, prompt in enumerate(prompts)]
+    return _write_images(images, settings, Path(out_dir), grid)
+
+
+def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOptions,
+                   text_encoders: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+    """What a PNG records: enough to regenerate it alone (`--seed <seed>` with this one prompt)."""
+    from . import __version__
+
+    return {
+        "prompt": prompt,
+        "seed": opts.seed + index,
+        "steps": opts.num_steps,
+        "guidance_scale": opts.guidance_scale,
+        "switch_step": opts.switch_step,
+        "timestep_spacing": opts.timestep_spacing,
+        "weights": [float(w) for w in weights],
+        "text_encoders": [str(Path(p).resolve()) for p in text_encoders],
+        "model": str(Path(model.path).resolve()) if model.kind == "pretrained" else model.kind,
+        # The "original" encoder is this one when model.text_encoder_path replaced the model's own.
+        "original_text_encoder": str(Path(model.text_encoder_path).resolve()) if model.text_encoder_path else "",
+        "resolution": model.resolution,
+        "software": f"textcraftor_fast {__version__}",
+    }
+
+
+def _write_images(images: Tensor, settings: list[dict[str, Any]], out: Path, grid: bool) -> list[Path]:
+    from .images import contact_sheet, save_png, to_pil
+
     out.mkdir(parents=True, exist_ok=True)
+    pils = [to_pil(img) for img in images]
     paths = []
-    for i, (img, prompt) in enumerate(zip(images, prompts)):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-        slug = "".join(c if c.isalnum() else "_" for c in prompt)[:40]
-        path = out / f"{i:04d}_{slug}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
+    for i, (pil, meta) in enumerate(zip(pils, settings)):
+        slug = "".join(c if c.isalnum() else "_" for c in meta["prompt"])[:40]
+        paths.append(save_png(pil, out / f"{i:04d}_{slug}.png", meta))
     logger.info("Wrote %d images to %s", len(paths), out)
+    if grid:
+        contact_sheet(pils, [meta["prompt"] for meta in settings]).save(out / GRID_NAME)
+        logger.info("Wrote the contact sheet %s", out / GRID_NAME)
     return paths
 
 
-__all__ = ["GenerateOptions", "generate", "generate_images", "initial_noise", "mix_embeddings"]
+__all__ = ["GRID_NAME", "GenerateOptions", "generate", "generate_images", "image_settings", "initial_noise",
+           "mix_embeddings"]
