@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .sampler import (DDIMSchedule, Embeddings, decode_latents, make_schedule, sample_latents,
-                      switch_sampling_config)
+                      seeded_noise, switch_sampling_config)
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ def initial_noise(seed: int, first: int, count: int, latent_shape: tuple[int, in
     Drawn on the CPU, one (1, C, h, w) tensor per generator, as diffusers' `randn_tensor` does for a list of
     CPU generators: same numbers as the stock pipeline, and on any device.
     """
-    noise = [torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed + i))
-             for i in range(first, first + count)]
-    return torch.cat(noise).to(device)
+    return seeded_noise(range(seed + first, seed + first + count), latent_shape).to(device)
 
 
 @torch.no_grad()

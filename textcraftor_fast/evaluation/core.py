@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..sampler import DDIMSchedule, Embeddings, decode_latents, sample_latents, switch_sampling_config
+from ..inference import mix_embeddings
+from ..sampler import (DDIMSchedule, Embeddings, decode_latents, sample_latents, seeded_noise,
+                       switch_sampling_config)
 
 EVAL_SEED0 = 1_000_000  # far from every training seed
 
@@ -36,11 +38,6 @@ def sample_set(prompts: list[str], seeds_per_prompt: int, seed0: int = EVAL_SEED
     return samples, [seed0 + k for k in range(len(samples))]
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
-    """(B, *shape) standard-normal latents on CPU, one generator per seed (independent of the batch)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 @torch.no_grad()
 def encode(encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
     """SD's conditioning: the last hidden state of the ids padded to the tokenizer's max length (B, L, D)."""
@@ -52,15 +49,17 @@ def encode(encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
 @torch.no_grad()
 def conditioning(original: nn.Module, tuned: nn.Module | None, tokenizer, prompts: list[str], weight: float,
                  train_uncond: bool) -> tuple[Embeddings, Embeddings | None]:
-    """(frozen, mixed): the original encoder's embeddings and lerp(original, tuned, w). torch.lerp is exact at
-    both ends (w = 0 gives the original, w = 1 the tuned embedding, bit for bit). The unconditional embedding
-    is mixed only when training tuned it (sampler.train_uncond)."""
+    """(frozen, mixed): the original encoder's embeddings and w * tuned + (1 - w) * original, mixed as `generate`
+    mixes them (`inference.mix_embeddings`, exact at both ends: w = 0 gives the original, w = 1 the tuned
+    embedding, bit for bit). The unconditional embedding is mixed only when training tuned it
+    (sampler.train_uncond)."""
     frozen = Embeddings(encode(original, tokenizer, prompts), encode(original, tokenizer, [""]))
     if tuned is None:
         return frozen, None
     cond = encode(tuned, tokenizer, prompts)
     uncond = encode(tuned, tokenizer, [""]) if train_uncond else frozen.uncond
-    return frozen, Embeddings(torch.lerp(frozen.cond, cond, weight), torch.lerp(frozen.uncond, uncond, weight))
+    return frozen, Embeddings(mix_embeddings(frozen.cond, [cond], [weight]),
+                              mix_embeddings(frozen.uncond, [uncond], [weight]))
 
 
 @torch.no_grad()
@@ -70,7 +69,7 @@ def sample_images(unet: nn.Module, vae: nn.Module, schedule: DDIMSchedule, seeds
     """Images in [0, 1] (B, 3, H, W): deterministic DDIM from each seed's noise, `frozen` before
     `switch_step` and `mixed` after it (None: `frozen` throughout)."""
     device, dtype = frozen.cond.device, next(unet.parameters()).dtype
-    x_T = initial_noise(seeds, latent_shape).to(device, dtype)  # (B, 4, h, w)
+    x_T = seeded_noise(seeds, latent_shape).to(device, dtype)  # (B, 4, h, w)
     cfg = switch_sampling_config(len(schedule.steps), guidance_scale, switch_step)
     cast = lambda e: Embeddings(e.cond.to(dtype), e.uncond.to(dtype))
     latents = sample_latents(unet, schedule, x_T, cast(frozen), cast(mixed) if mixed else None, cfg, grad_steps=0)

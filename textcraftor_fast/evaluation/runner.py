@@ -31,6 +31,9 @@ from .stats import compare_paired, mean_ci, paired_diff
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Part of every cache key: bump it when a change to sampling or scoring changes the numbers, so an old cache
+# is never read as the new code's result.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class _Evaluation:
         # Keyed by weights, not paths: a retrained encoder at the same path is a new key, and adding an
         # encoder to an evaluation reuses every batch already scored for the others.
         self._hashes = [weights_fingerprint(e) for e in self.tuned]
-        self._base_key = {"model": dataclasses.asdict(config.model), "rewards": [dataclasses.asdict(r) for r in
+        self._base_key = {"version": CACHE_VERSION, "model": dataclasses.asdict(config.model), "rewards": [dataclasses.asdict(r) for r in
                           config.rewards], "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
                           "spacing": s.timestep_spacing, "train_uncond": s.train_uncond,
                           "prompts": fingerprint(self.prompts), "spc": opts.seeds_per_prompt, "seed0": opts.seed0,
