@@ -86,7 +86,8 @@ def _save_curves(result: EvalResult, axis: str, path: Path) -> Path | None:
     if not panels:
         return None
     xlabel = "interpolation weight w (0: original, 1: tuned)" if axis == "weight" else "switch step"
-    return save_curves(panels, xlabel, path)
+    return save_curves(panels, xlabel, path, title="mean per setting; bars: 95% interval of the paired "
+                                                   "difference to the original encoder")
 
 
 def write_all(result: EvalResult, info: dict, grid_prompts: list[str], names: list[str]) -> dict[str, Path]:

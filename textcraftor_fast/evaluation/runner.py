@@ -197,7 +197,7 @@ def _curve_points(variants: list[Variant], scores: dict[str, dict[str, Tensor]],
         point: dict = {axis: v.weight if axis == "weight" else v.switch_step}
         for m in metrics:
             mean, hw = mean_ci(s[m])
-            point[m] = {"mean": mean, "half_width": hw, **paired_diff(s[m], base[m])}
+            point[m] = {"mean": mean, "mean_hw": hw, **paired_diff(s[m], base[m])}  # half_width: the paired diff's
         points.append(point)
     return points
 
