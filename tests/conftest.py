@@ -26,3 +26,26 @@ def hide_native_library(monkeypatch, tmp_path):
     from textcraftor_fast import native
 
     monkeypatch.setattr(native, "library_path", lambda: tmp_path / native.LIBRARY_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """The shipped tiny world's components (a real diffusers SD folder, 32x32 images)."""
+    from textcraftor_fast.config import ModelConfig
+    from textcraftor_fast.loaders import load_components
+
+    return load_components(ModelConfig(kind="tiny_world", resolution=32))
+
+
+@pytest.fixture(scope="session")
+def tuned_tiny_world_encoder(tiny_world):
+    """A "tuned" tiny-world encoder: every weight moved by 0.2 x its tensor's std x fixed noise (seed 1234),
+    enough to change every image visibly (tests/models/test_export_stock_diffusers.py checks it does)."""
+    import copy
+
+    tuned = copy.deepcopy(tiny_world.text_encoder)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.2 * p.std().nan_to_num() * torch.randn(p.shape, generator=g))
+    return tuned

@@ -1,4 +1,4 @@
-"""`textcraftor-fast train|generate|export|demo`: the only place that configures logging.
+"""`textcraftor-fast train|evaluate|generate|export|demo`: the only place that configures logging.
 
 Bad input exits with status 2 and a one-line error (no traceback); `--debug` shows the traceback.
 """
@@ -64,27 +64,72 @@ def _read_prompt_args(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import GenerateOptions, generate
+    from .inference import GRID_NAME, GenerateOptions, generate
 
     cfg = load_config(args.config, list(args.set or []))
     opts = GenerateOptions(num_steps=args.steps or cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-                           switch_step=args.switch_step, weight=args.weight, seed=args.seed)
+                           switch_step=args.switch_step, weight=args.weight, seed=args.seed,
+                           timestep_spacing=cfg.sampler.timestep_spacing)
     paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
-                     cfg.train.device)
-    print(f"wrote {len(paths)} images to {args.out}")
+                     cfg.train.device, grid=args.grid)
+    print(f"wrote {len(paths)} images to {args.out}" + (f" and the contact sheet {GRID_NAME}" if args.grid else ""))
     return 0
+
+
+EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def _refuse_overwriting_base(out: str, model_path: str) -> None:
+    # A pipeline export into the base folder would replace its original text encoder with the tuned one.
+    if model_path and Path(out).resolve() == Path(model_path).resolve():
+        raise ConfigError(f"--out '{out}' is the base model (model.path); write the export somewhere else")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from .loaders import load_components
-    from .models import export_text_encoder, load_text_encoder
+    from .models.export import check_layout, export_tuned
+    from .models.loading import load_text_encoder
 
     cfg = load_config(args.config, list(args.set or []))
+    check_layout(args.layout, args.full)  # before loading the base model, which takes a while at SD1.5 size
+    _refuse_overwriting_base(args.out, cfg.model.path)
     comp = load_components(cfg.model, seed=cfg.seed)
     encoder = load_text_encoder(args.text_encoder, config=comp.text_encoder.config)
-    path = export_text_encoder(encoder, args.out, layout=args.layout)
+    dtype = getattr(torch, EXPORT_DTYPES[args.dtype])
+    path = export_tuned(comp, encoder, args.out, layout=args.layout, full=args.full, dtype=dtype,
+                        timestep_spacing=cfg.sampler.timestep_spacing)
     print(f"exported: {path}")
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvalOptions, evaluate
+
+    cfg = load_config(args.config, list(args.set or []))
+    prompts = args.prompts or ("builtin:tiny_world" if cfg.model.kind == "tiny_world" else "builtin:parti")
+    opts = EvalOptions(prompts=prompts, max_prompts=args.max_prompts, seeds_per_prompt=args.seeds_per_prompt,
+                       weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
+                       switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
+                       switch_step=args.switch_step, num_steps=args.steps, batch_size=args.batch_size,
+                       grid_prompts=args.grid_prompts, device=cfg.train.device)
+    result = evaluate(cfg, args.text_encoder or [], args.out, opts, names=args.name)
+    print(result.files["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _number_list(kind: type):
+    def parse(text: str) -> list:
+        if text.strip().lower() == "none":
+            return []
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as 0,1 (or 'none'), "
+                                             f"got {text!r}") from None
+    return parse
 
 
 def _int_list(text: str) -> list[int]:
@@ -130,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,export,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate,export,demo}")
 
     def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
         sp.add_argument("--config", required=config_required, help="TOML config file (e.g. configs/tiny.toml) or builtin:tiny")
@@ -151,16 +196,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight", type=float, default=1.0, help="interpolation w for a single encoder (default 1)")
     g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
     g.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="outputs/generate", help="output folder for PNGs")
+    g.add_argument("--seed", type=int, default=0, help="image i starts from seed + i's noise (default 0)")
+    g.add_argument("--out", default="outputs/generate",
+                   help="output folder for PNGs (each records its prompt, seed and settings as PNG text)")
+    g.add_argument("--grid", action="store_true", help="also write grid.png: every image labelled with its prompt")
     g.set_defaults(func=_cmd_generate)
 
-    e = sub.add_parser("export", help="export a tuned text encoder (diffusers folder or original single-file keys)")
+    e = sub.add_parser("export", help="export a tuned text encoder: a text_encoder/ folder, a whole diffusers "
+                                      "pipeline, or the original single-file layout")
     common(e)
     e.add_argument("--text-encoder", required=True, help="tuned encoder folder/checkpoint/.safetensors")
-    e.add_argument("--layout", choices=["diffusers", "single_file"], default="diffusers")
-    e.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file (single_file)")
+    e.add_argument("--layout", choices=["diffusers", "pipeline", "single_file"], default="diffusers",
+                   help="diffusers: a text_encoder/ folder (CLIPTextModel.from_pretrained); pipeline: the base "
+                        "model's folder with the tuned encoder (StableDiffusionPipeline.from_pretrained); "
+                        "single_file: cond_stage_model.* keys in one .safetensors (default diffusers)")
+    e.add_argument("--full", action="store_true",
+                   help="with --layout single_file: the whole original-layout checkpoint (base UNet/VAE + tuned "
+                        "encoder), for StableDiffusionPipeline.from_single_file and other SD1.5 tools")
+    e.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32",
+                   help="dtype of the written weights (default fp32)")
+    e.add_argument("--out", required=True,
+                   help="output folder (diffusers, pipeline) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95% "
+                                        "intervals, picture grid, interpolation and switch-step curves")
+    common(v)
+    v.add_argument("--text-encoder", action="append", metavar="PATH",
+                   help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
+                        "original alone)")
+    v.add_argument("--name", action="append", help="a column name per --text-encoder (default: its run folder)")
+    v.add_argument("--prompts", help="prompt file, builtin:parti, or builtin:tiny_world[:validation] (default: "
+                                     "builtin:tiny_world for the tiny world, else builtin:parti)")
+    v.add_argument("--max-prompts", type=int, metavar="N", help="the first N distinct prompts")
+    v.add_argument("--seeds-per-prompt", type=int, default=1, metavar="N", help="paired noise seeds per prompt")
+    v.add_argument("--weights", type=_number_list(float), metavar="W,W,...",
+                   help="interpolation weights of the w-curve (default 0,0.25,0.5,0.75,1; 'none' skips it)")
+    v.add_argument("--switch-steps", type=_number_list(int), metavar="S,S,...",
+                   help="switch steps of the switch-step curve (default 0,n/4,n/2,3n/4; 'none' skips it)")
+    v.add_argument("--switch-step", type=int, help="where tuned encoders take over in the table (default: the "
+                                                   "config's sampler.switch_step, or num_steps - grad_steps)")
+    v.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--grid-prompts", type=int, default=8, metavar="N", help="rows of the picture grid")
+    v.add_argument("--out", default="outputs/evaluate", help="output folder (its cache/ makes reruns resume)")
+    v.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("demo", help="the embedded tiny world: fine-tune, evaluate before/after, write images; "
                                     "with --seeds/--threads, the robustness sweep (exit status 1 unless every "

@@ -158,9 +158,19 @@ class DataConfig:
     on_bad_line: Literal["error", "skip"] = "error"
     """A prompt-file line that is not UTF-8 text: 'error' stops with its file and line number; 'skip' drops it
     (the skipped line numbers are reported in one warning)."""
+    eval_path: str = ""
+    """Held-out prompts for evaluation during training (train.eval_every): a prompt file, 'builtin:parti' or
+    'builtin:tiny_world[:validation]' (the tiny world's held-out captions); empty: none."""
+    eval_max_prompts: int = 16
+    """Evaluate on the first N distinct prompts of data.eval_path."""
+    eval_seeds_per_prompt: int = 1
+    """Paired noise seeds per evaluation prompt (the same seeds at every evaluation)."""
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.path), f"{prefix}.path", "a prompt file or 'builtin:parti'", self.path)
+        _check(self.eval_max_prompts >= 1, f"{prefix}.eval_max_prompts", "an integer >= 1", self.eval_max_prompts)
+        _check(self.eval_seeds_per_prompt >= 1, f"{prefix}.eval_seeds_per_prompt", "an integer >= 1",
+               self.eval_seeds_per_prompt)
         _check(self.max_prompts is None or self.max_prompts >= 1, f"{prefix}.max_prompts",
                "an integer >= 1 or unset", self.max_prompts)
 
@@ -188,6 +198,9 @@ class LoopConfig:
     max_nan_skips: int = 20
     """Abort after this many consecutive non-finite steps."""
     progress_bar: bool = True
+    eval_every: int = 0
+    """Every N steps (and at the last), a paired evaluation of the encoder being trained against the original on
+    data.eval_path, logged as eval/<metric> (mean) and eval/<metric>_diff (paired difference); 0: never."""
     embedding_anchor: float = 0.0
     """Weight of mean((e_tuned - e_original)^2) over the batch's conditional embeddings, added to the loss:
     keeps the tuned encoder near the original, which the paper's interpolation shows is a safe anchor.
@@ -198,6 +211,7 @@ class LoopConfig:
             value = getattr(self, key)
             _check(value >= 1, f"{prefix}.{key}", "an integer >= 1", value)
         _check(self.embedding_anchor >= 0, f"{prefix}.embedding_anchor", "a float >= 0", self.embedding_anchor)
+        _check(self.eval_every >= 0, f"{prefix}.eval_every", "an integer >= 0 (0: no evaluation)", self.eval_every)
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                f"{prefix}.checkpoints_total_limit", "an integer >= 1 or unset", self.checkpoints_total_limit)
 
@@ -230,7 +244,10 @@ class OpsConfig:
 class OutputConfig:
     dir: str = "outputs/run"
     """Run folder: metrics.jsonl, checkpoints/, final text encoder."""
-    report_to: Literal["jsonl", "none"] = "jsonl"
+    report_to: Literal["jsonl", "tensorboard", "none"] = "jsonl"
+    """Where metrics go: 'jsonl' (metrics.jsonl), 'tensorboard' (metrics.jsonl plus TensorBoard event files under
+    output.dir/tensorboard: every metric, and a picture grid at each evaluation; needs the tensorboard package),
+    'none' (nothing; resume then restarts the metric history)."""
     overwrite: bool = False
     """Start a fresh run in a folder that already holds checkpoints (deleting them). Off by default so a
     forgotten --resume never destroys a run."""
@@ -259,7 +276,8 @@ class TrainConfig:
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
-
+        _check(self.train.eval_every == 0 or bool(self.data.eval_path), "data.eval_path",
+               "a prompt file or built-in set when train.eval_every > 0 (e.g. 'builtin:parti')", self.data.eval_path)
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 

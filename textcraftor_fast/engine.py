@@ -50,6 +50,8 @@ class TrainResult:
     output_dir: Path
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Steps, samples/s, peak memory and the best evaluation of this session (also in output_dir/summary.json)."""
 
 
 def _device_type(name: str) -> str:
@@ -111,6 +113,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        self.tensorboard = None  # output.report_to = "tensorboard": opened by train(), closed by close()
         self.output_dir = Path(cfg.output.dir)
         _check_writable(self.output_dir)  # before any model loads: a bad output.dir fails in milliseconds
         # Resolve the resume target before building anything: a wrong path fails in milliseconds.
@@ -153,6 +156,16 @@ class Trainer:
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
+        self.evaluator = None
+        if cfg.train.eval_every > 0:
+            from .evaluation.during_training import TrainingEvaluator
+
+            # eta 0 whatever training uses: an evaluation must be deterministic to be compared across steps.
+            eval_schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, 0.0,
+                                          cfg.sampler.timestep_spacing)
+            self.evaluator = TrainingEvaluator(cfg, self.unet, self.vae, self.tokenizer, self.original_encoder,
+                                               eval_schedule, (self.latent_channels, self.latent_size,
+                                                               self.latent_size), self.rewards)
 
         prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts, cfg.data.on_bad_line)
         _warn_long_prompts(self.tokenizer, prompts)
@@ -325,7 +338,7 @@ class Trainer:
 
     def _write_history(self) -> None:
         """Rewrite metrics.jsonl from self.history (once per run: it drops lines past a resumed step)."""
-        if self.dist.is_main and self.cfg.output.report_to == "jsonl":
+        if self.dist.is_main and self.cfg.output.report_to != "none":
             self.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = self._metrics_path().with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
@@ -334,9 +347,59 @@ class Trainer:
     def _append_history(self, metrics: dict[str, Any]) -> None:
         # One appended line per logged step: rewriting the file every step would be quadratic over a run.
         self.history.append(metrics)
-        if self.dist.is_main and self.cfg.output.report_to == "jsonl":
+        if self.dist.is_main and self.cfg.output.report_to != "none":
             with self._metrics_path().open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+    def _evaluate(self, metrics: dict[str, Any]) -> bool:
+        """At every train.eval_every steps and the last: evaluate on rank 0 into `metrics`; True if it ran."""
+        every = self.cfg.train.eval_every
+        if self.evaluator is None or not (self.step % every == 0 or self.step == self.cfg.train.steps):
+            return False
+        if self.dist.is_main:
+            found, grid = self.evaluator(self.text_encoder)
+            metrics.update(found)
+            if self.tensorboard is not None:
+                self.tensorboard.image_grid("eval/original_vs_tuned", grid, self.step, rows=2)
+            logger.info("Step %d evaluation: %s", self.step, ", ".join(
+                f"{k} {v:+.4f}" for k, v in found.items() if k.endswith("_diff")))
+        barrier(self.dist)
+        return True
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self._append_history(metrics)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(metrics, self.step)
+
+    def _run_summary(self, first_step: int, seconds: float) -> dict[str, Any]:
+        """What this session did, logged and written to output_dir/summary.json."""
+        cfg = self.cfg.train
+        steps = self.step - first_step
+        samples = steps * cfg.batch_size * cfg.gradient_accumulation_steps * self.dist.world_size
+        if self.device.type == "cuda":
+            peak_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        evals = [h for h in self.history if "eval/reward" in h]
+        best = max(evals, key=lambda h: h["eval/reward"]) if evals else None
+        summary = {"steps": self.step, "steps_this_session": steps, "seconds": round(seconds, 2),
+                   "samples_per_second": samples / seconds if seconds > 0 else None,
+                   "peak_memory_gb": round(peak_gb, 3), "peak_memory_kind": "cuda allocated" if
+                   self.device.type == "cuda" else "process max RSS",
+                   "best_eval": {"step": best["step"], "eval/reward": best["eval/reward"],
+                                 "eval/reward_diff": best["eval/reward_diff"]} if best else None}
+        logger.info("***** Run summary *****")
+        logger.info("  Steps = %d (%d this session) in %.1f s, %.3f samples/s", self.step, steps, seconds,
+                    summary["samples_per_second"] or 0.0)
+        logger.info("  Peak memory = %.2f GB (%s)", peak_gb, summary["peak_memory_kind"])
+        if best:
+            logger.info("  Best evaluation: step %d, eval/reward %.4f (%+.4f vs the original)", best["step"],
+                        best["eval/reward"], best["eval/reward_diff"])
+        if self.dist.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     # ----------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -372,6 +435,12 @@ class Trainer:
             shutil.rmtree(checkpointing.checkpoints_dir(self.output_dir), ignore_errors=True)
         (self.output_dir / "config.toml").write_text(to_toml(self.cfg))
         self._write_history()
+        if self.cfg.output.report_to == "tensorboard" and self.dist.is_main:
+            from .reporting import TensorBoardWriter
+
+            self.tensorboard = TensorBoardWriter(self.output_dir / "tensorboard",
+                                                 purge_step=self.step + 1 if self._resume_from else None)
+        first_step, t_start = self.step, time.perf_counter()
         last_ckpt: Path | None = None
         nan_run = 0
         spike = _SpikeMonitor()
@@ -388,10 +457,11 @@ class Trainer:
                                    self.last_prompts)
                 else:
                     spike.check(self.step, metrics["loss"], self.last_prompts)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                evaluated = self._evaluate(metrics)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or evaluated:
                     metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
                                                      self.probe_prompts))
-                    self._append_history(metrics)
+                    self._log(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.4f}", s_step=f"{metrics['s_per_step']:.2f}")
                 if nan_run >= cfg.max_nan_skips:
@@ -408,9 +478,13 @@ class Trainer:
             from .models import export_text_encoder
 
             export_text_encoder(self.text_encoder, final, layout="diffusers")
-        return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history))
+        summary = self._run_summary(first_step, time.perf_counter() - t_start)
+        return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history), summary)
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         shutdown(self.dist)
 
 

@@ -4,20 +4,24 @@ The tuned encoder is a drop-in replacement. Following the paper, the ORIGINAL en
 first `switch_step` steps (layout) and the tuned one the rest (style/detail); its embedding can be
 interpolated with the original, e = w * e_tuned + (1 - w) * e_original, or several tuned encoders mixed
 with weights (style mixing).
+
+Sample i starts from its own noise, `torch.Generator().manual_seed(seed + i)` on the CPU: an image depends on
+its seed only (not on the batch size, its batch or the device), and stock diffusers reproduces it given
+`generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]` (tests/models/test_export_stock_diffusers.py).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .sampler import (DDIMSchedule, Embeddings, decode_latents, make_schedule, sample_latents,
-                      switch_sampling_config)
+                      seeded_noise, switch_sampling_config)
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +35,34 @@ class GenerateOptions:
     weight: float = 1.0
     """Interpolation w: e = w * e_tuned + (1 - w) * e_original."""
     seed: int = 0
+    """Sample i's noise seed is seed + i."""
     batch_size: int = 4
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    """DDIM timesteps, as sampler.timestep_spacing: the spacing the encoder was tuned with."""
 
 
 def mix_embeddings(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """base + sum_i w_i (tuned_i - base): w=1 for one encoder is the tuned embedding, w in (0,1) interpolates,
-    several encoders with weights summing to 1 is the paper's style mixing."""
-    out = base.clone()
+    several encoders with weights summing to 1 is the paper's style mixing.
+
+    Computed as (1 - sum w) base + sum w_i tuned_i so that the endpoints are exact: w = 1 gives the tuned
+    embedding bit for bit (base + (tuned - base) is off by a rounding, 6e-6 in the tiny world's images
+    against stock diffusers run on the tuned encoder), w = 0 the base.
+    """
+    out = (1.0 - sum(weights)) * base
     for e, w in zip(tuned, weights):
-        out = out + w * (e - base)
+        out = out + w * e
     return out
+
+
+def initial_noise(seed: int, first: int, count: int, latent_shape: tuple[int, int, int],
+                  device: torch.device) -> Tensor:
+    """x_T (count, C, h, w) of samples first .. first + count - 1, sample i drawn from seed + i.
+
+    Drawn on the CPU, one (1, C, h, w) tensor per generator, as diffusers' `randn_tensor` does for a list of
+    CPU generators: same numbers as the stock pipeline, and on any device.
+    """
+    return seeded_noise(range(seed + first, seed + first + count), latent_shape).to(device)
 
 
 @torch.no_grad()
@@ -48,18 +70,21 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
                     tuned: Sequence[nn.Module], weights: Sequence[float], prompts: list[str],
                     opts: GenerateOptions, latent_shape: tuple[int, int, int],
                     device: torch.device) -> Tensor:
-    """Images in [0, 1] (N, 3, H, W); the same seed gives the same x_T whatever the encoders."""
+    """Images in [0, 1] (N, 3, H, W); image i starts from seed + i's noise whatever the encoders and batching."""
+    from tqdm.auto import tqdm
+
     def encode(enc: nn.Module, texts: list[str]) -> Tensor:
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         return enc(ids)[0]
 
     sampler_cfg = switch_sampling_config(len(schedule.steps), opts.guidance_scale, opts.switch_step)
-    g = torch.Generator(device).manual_seed(opts.seed)
     images = []
-    for start in range(0, len(prompts), opts.batch_size):
+    # disable=None: a bar on a terminal, silent in logs and under pytest.
+    for start in tqdm(range(0, len(prompts), opts.batch_size), desc="generate", unit="batch", disable=None,
+                      leave=False):
         batch = prompts[start:start + opts.batch_size]
-        x_T = torch.randn((len(batch), *latent_shape), generator=g, device=device)
+        x_T = initial_noise(opts.seed, start, len(batch), latent_shape, device)  # (B, C, h, w)
         base = Embeddings(encode(original, batch), encode(original, [""]))
         mixed = Embeddings(mix_embeddings(base.cond, [encode(e, batch) for e in tuned], weights),
                            mix_embeddings(base.uncond, [encode(e, [""]) for e in tuned], weights))
@@ -68,12 +93,17 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
     return torch.cat(images)
 
 
+GRID_NAME = "grid.png"
+
+
 def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_encoders: Sequence[str] = (),
              weights: Sequence[float] | None = None, opts: GenerateOptions = GenerateOptions(),
-             device: str = "auto") -> list[Path]:
-    """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths."""
-    from PIL import Image
+             device: str = "auto", grid: bool = False) -> list[Path]:
+    """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths.
 
+    Each PNG carries its settings as text chunks (`image_settings`); `grid` also writes all images on one
+    labelled contact sheet, `out_dir / GRID_NAME`.
+    """
     from .loaders import load_components
     from .models import load_text_encoder
 
@@ -86,22 +116,52 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
         weights = [opts.weight / max(len(tuned), 1)] * len(tuned)
     if len(weights) != len(tuned):
         raise ValueError(f"{len(tuned)} tuned encoders but {len(weights)} weights; give one weight per encoder")
-    schedule = make_schedule(comp.scheduler.config, opts.num_steps)
+    schedule = make_schedule(comp.scheduler.config, opts.num_steps, timestep_spacing=opts.timestep_spacing)
     side = model.resolution // comp.vae_scale_factor
     shape = (comp.unet.config.in_channels, side, side)
     images = generate_images(comp.unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
                              tuned, weights, prompts, opts, shape, dev)
-    out = Path(out_dir)
+    settings = [image_settings(model, prompt, i, opts, text_encoders, weights) for i, prompt in enumerate(prompts)]
+    return _write_images(images, settings, Path(out_dir), grid)
+
+
+def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOptions,
+                   text_encoders: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+    """What a PNG records: enough to regenerate it alone (`--seed <seed>` with this one prompt)."""
+    from . import __version__
+
+    return {
+        "prompt": prompt,
+        "seed": opts.seed + index,
+        "steps": opts.num_steps,
+        "guidance_scale": opts.guidance_scale,
+        "switch_step": opts.switch_step,
+        "timestep_spacing": opts.timestep_spacing,
+        "weights": [float(w) for w in weights],
+        "text_encoders": [str(Path(p).resolve()) for p in text_encoders],
+        "model": str(Path(model.path).resolve()) if model.kind == "pretrained" else model.kind,
+        # The "original" encoder is this one when model.text_encoder_path replaced the model's own.
+        "original_text_encoder": str(Path(model.text_encoder_path).resolve()) if model.text_encoder_path else "",
+        "resolution": model.resolution,
+        "software": f"textcraftor_fast {__version__}",
+    }
+
+
+def _write_images(images: Tensor, settings: list[dict[str, Any]], out: Path, grid: bool) -> list[Path]:
+    from .images import contact_sheet, save_png, to_pil
+
     out.mkdir(parents=True, exist_ok=True)
+    pils = [to_pil(img) for img in images]
     paths = []
-    for i, (img, prompt) in enumerate(zip(images, prompts)):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-        slug = "".join(c if c.isalnum() else "_" for c in prompt)[:40]
-        path = out / f"{i:04d}_{slug}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
+    for i, (pil, meta) in enumerate(zip(pils, settings)):
+        slug = "".join(c if c.isalnum() else "_" for c in meta["prompt"])[:40]
+        paths.append(save_png(pil, out / f"{i:04d}_{slug}.png", meta))
     logger.info("Wrote %d images to %s", len(paths), out)
+    if grid:
+        contact_sheet(pils, [meta["prompt"] for meta in settings]).save(out / GRID_NAME)
+        logger.info("Wrote the contact sheet %s", out / GRID_NAME)
     return paths
 
 
-__all__ = ["GenerateOptions", "generate", "generate_images", "mix_embeddings"]
+__all__ = ["GRID_NAME", "GenerateOptions", "generate", "generate_images", "image_settings", "initial_noise",
+           "mix_embeddings"]

@@ -13,7 +13,7 @@ re-written here with Python-float coefficients, which keeps it differentiable an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,13 @@ def _add_noise(step: DDIMStep, x_prev: Tensor, noise: Tensor | None) -> Tensor:
             raise ValueError("eta > 0 needs a noise tensor for every step")
         x_prev = x_prev + step.std * noise
     return x_prev
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> Tensor:
+    """(len(seeds), *shape) standard-normal tensors on the CPU, row i from its own generator seeded seeds[i]:
+    a sample's noise does not depend on its batch or device, and equals what diffusers' `randn_tensor`
+    draws for a list of CPU generators (what makes paired comparisons and stock-pipeline equality hold)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 @dataclass

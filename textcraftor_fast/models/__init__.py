@@ -9,12 +9,12 @@ Everything works offline: the SD1.5 configs and CLIP tokenizer ship in `models/s
 from __future__ import annotations
 
 from .components import SD15_CONFIG_DIR, SDComponents
-from .export import export_text_encoder, save_components, save_single_file
+from .export import LAYOUTS, export_text_encoder, export_tuned, save_components, save_single_file
 from .loading import load_diffusers_folder, load_scheduler, load_single_file, load_text_encoder, load_tokenizer
 from .tiny import build_tiny_random
 
 __all__ = [
-    "SD15_CONFIG_DIR", "SDComponents", "build_tiny_random", "export_text_encoder",
+    "LAYOUTS", "SD15_CONFIG_DIR", "SDComponents", "build_tiny_random", "export_text_encoder", "export_tuned",
     "load_diffusers_folder", "load_scheduler", "load_single_file", "load_text_encoder", "load_tokenizer",
     "save_components", "save_single_file",
 ]

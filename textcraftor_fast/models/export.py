@@ -1,7 +1,20 @@
-"""Writing components: a diffusers folder, the original SD1.5 single-file layout, or just the text encoder."""
+"""Writing components: a diffusers folder, the original SD1.5 single-file layout, or just the text encoder.
+
+`export_tuned` is the one entry point for a tuned encoder; what each layout holds and what loads it:
+
+    layout="diffusers"            text_encoder/ folder: CLIPTextModel.from_pretrained(out), to pass as
+                                  StableDiffusionPipeline.from_pretrained(base, text_encoder=...)
+    layout="pipeline"             whole diffusers folder (base UNet/VAE/tokenizer/scheduler + tuned encoder):
+                                  StableDiffusionPipeline.from_pretrained(out)
+    layout="single_file"          .safetensors of `cond_stage_model.transformer.text_model.*` only, to merge
+                                  into an original SD1.5 checkpoint
+    layout="single_file", full    the whole original-layout checkpoint (base UNet/VAE + tuned encoder):
+                                  StableDiffusionPipeline.from_single_file(out, config=<base folder>)
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -17,6 +30,9 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel
 
 logger = logging.getLogger(__name__)
+
+Layout = Literal["diffusers", "pipeline", "single_file"]
+LAYOUTS: tuple[str, ...] = ("diffusers", "pipeline", "single_file")
 
 
 def _model_index(comp: SDComponents) -> dict:
@@ -36,13 +52,19 @@ def _model_index(comp: SDComponents) -> dict:
     }
 
 
-def save_components(comp: SDComponents, folder: str | Path) -> Path:
-    """Write a diffusers folder (save_pretrained of each part + model_index.json); returns the folder."""
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    # deepcopy: Module.to casts in place and must not change the caller's (training) model.
+    return module if dtype is None else copy.deepcopy(module).to(dtype)
+
+
+def save_components(comp: SDComponents, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers folder (save_pretrained of each part + model_index.json); returns the folder.
+    `dtype` (e.g. torch.float16) casts the saved weights, not `comp`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    comp.unet.save_pretrained(folder / "unet")
-    comp.vae.save_pretrained(folder / "vae")
-    save_text_encoder_folder(comp.text_encoder, folder / "text_encoder")
+    _cast_copy(comp.unet, dtype).save_pretrained(folder / "unet")
+    _cast_copy(comp.vae, dtype).save_pretrained(folder / "vae")
+    save_text_encoder_folder(comp.text_encoder, folder / "text_encoder", dtype)
     comp.tokenizer.save_pretrained(folder / "tokenizer")
     comp.scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(_model_index(comp), indent=2) + "\n")
@@ -59,8 +81,7 @@ def save_text_encoder_folder(text_encoder: CLIPTextModel, folder: Path, dtype: t
     """
     from safetensors.torch import load_file, save_file
 
-    # deepcopy: Module.to casts in place and must not change the caller's (training) model.
-    model = text_encoder if dtype is None else copy.deepcopy(text_encoder).to(dtype)
+    model = _cast_copy(text_encoder, dtype)
     model.save_pretrained(folder)
     weights = folder / "model.safetensors"
     if hasattr(model, "text_model") or not weights.is_file():
@@ -115,6 +136,12 @@ def save_single_file(comp: SDComponents, path: str | Path, dtype: torch.dtype | 
     return path
 
 
+def _require_folder_name(out_path: Path, layout: str) -> None:
+    if out_path.suffix or out_path.is_file():
+        raise ValueError(f"layout '{layout}' writes a folder; got the file name '{out_path}' (drop the extension, "
+                         "or use layout 'single_file' for one .safetensors)")
+
+
 def export_text_encoder(text_encoder: CLIPTextModel, out_path: str | Path,
                         layout: Literal["diffusers", "single_file"] = "diffusers",
                         dtype: torch.dtype | None = None) -> Path:
@@ -126,12 +153,62 @@ def export_text_encoder(text_encoder: CLIPTextModel, out_path: str | Path,
     """
     out_path = Path(out_path)
     if layout == "diffusers":
-        if out_path.suffix:
-            raise ValueError(f"layout 'diffusers' writes a folder; got a file name '{out_path}'")
+        _require_folder_name(out_path, layout)
         save_text_encoder_folder(text_encoder, out_path, dtype)
     elif layout == "single_file":
         _save_safetensors(text_encoder_to_ldm(text_encoder), out_path, dtype)
     else:
         raise ValueError(f"layout must be one of 'diffusers', 'single_file'; got {layout!r}")
     logger.info("Exported text encoder (%s layout) to %s", layout, out_path)
+    return out_path
+
+
+def _check_fits(base: SDComponents, text_encoder: CLIPTextModel) -> None:
+    width, expected = text_encoder.config.hidden_size, base.unet.config.cross_attention_dim
+    if width != expected:
+        raise ValueError(f"the tuned text encoder's hidden size is {width} but the base UNet's cross_attention_dim "
+                         f"is {expected}: the encoder was tuned for another model; export it with the config "
+                         "(model.kind / model.path) of the model it was tuned from")
+
+
+def _with_spacing(scheduler, timestep_spacing: str | None):
+    if timestep_spacing is None:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, timestep_spacing=timestep_spacing)
+
+
+def check_layout(layout: str, full: bool = False) -> None:
+    """Raise ValueError for an unknown layout or `full` with a layout it does not apply to (before any loading)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
+    if full and layout != "single_file":
+        what = "already writes every component" if layout == "pipeline" else \
+            "writes the text encoder alone (layout 'pipeline' writes a whole diffusers folder)"
+        raise ValueError(f"--full (full=True) writes the whole single-file checkpoint and applies to layout "
+                         f"'single_file' only; layout '{layout}' {what}")
+
+
+def export_tuned(base: SDComponents, text_encoder: CLIPTextModel, out_path: str | Path, layout: Layout = "diffusers",
+                 full: bool = False, dtype: torch.dtype | None = None,
+                 timestep_spacing: str | None = None) -> Path:
+    """Export a tuned text encoder in `layout` (what loads each: the module docstring); returns `out_path`.
+
+    `base` supplies the rest of the whole-model layouts ("pipeline"; "single_file" with `full`): its UNet, VAE,
+    tokenizer and scheduler. `timestep_spacing` goes into the pipeline's scheduler config so that stock
+    diffusers samples the timesteps our `generate` does (sampler.timestep_spacing): SD1.5's own scheduler
+    config means 'leading' (751, 501, 251, 1 for 4 steps) where the sampler uses 'trailing' (999, 749, 499, 249).
+    `dtype` (e.g. torch.float16) casts every written floating tensor.
+    """
+    check_layout(layout, full)
+    out_path = Path(out_path)
+    if layout == "pipeline":
+        _check_fits(base, text_encoder)
+        _require_folder_name(out_path, layout)
+        save_components(dataclasses.replace(base, text_encoder=text_encoder,
+                                            scheduler=_with_spacing(base.scheduler, timestep_spacing)), out_path, dtype)
+    elif full:
+        _check_fits(base, text_encoder)
+        save_single_file(dataclasses.replace(base, text_encoder=text_encoder), out_path, dtype)
+    else:
+        export_text_encoder(text_encoder, out_path, layout, dtype)
     return out_path

@@ -6,11 +6,10 @@ same (caption, initial noise) pairs, so per-sample differences are paired and th
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from ..evaluation.stats import compare_paired, mean_ci, paired_diff  # noqa: F401 (re-exported)
 from . import data as D
 from .models import encode_prompts
 from .sampling import generate
@@ -38,20 +37,6 @@ def judge_samples(judge, images: Tensor, prompts: list[str]) -> dict[str, Tensor
         out[f"{a}_correct"] = (out[f"{a}_pred"] == target).float()
         out[f"{a}_prob"] = logits[a].softmax(1).gather(1, target[:, None]).squeeze(1)
     return out
-
-
-def mean_ci(x: Tensor) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% interval."""
-    x = x.double()
-    n = x.numel()
-    sd = x.std().item() if n > 1 else 0.0
-    return x.mean().item(), 1.96 * sd / math.sqrt(max(n, 1))
-
-
-def paired_diff(after: Tensor, before: Tensor) -> dict[str, float]:
-    """Paired difference after - before: mean, 95% half-width, and the interval's ends."""
-    m, h = mean_ci(after.double() - before.double())
-    return {"diff": m, "half_width": h, "lo": m - h, "hi": m + h}
 
 
 @torch.no_grad()
@@ -130,13 +115,7 @@ def metric_names(result: dict[str, Tensor]) -> list[str]:
 
 def compare(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     """metric -> before/after means with 95% half-widths and the PAIRED difference with its interval."""
-    table = {}
-    for name in metric_names(before):
-        b_m, b_h = mean_ci(before[name])
-        a_m, a_h = mean_ci(after[name])
-        table[name] = {"before": b_m, "before_hw": b_h, "after": a_m, "after_hw": a_h,
-                       **paired_diff(after[name], before[name])}
-    return table
+    return compare_paired(before, after, metric_names(before))
 
 
 def pair_breakdown(before: dict[str, Tensor], after: dict[str, Tensor], prompts: list[str],

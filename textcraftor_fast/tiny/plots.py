@@ -7,36 +7,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_grid(columns: Sequence[Tensor], column_titles: Sequence[str], row_titles: Sequence[str],
-              path: str | Path) -> Path:
-    """columns[j] (R, 3, H, W) in [0, 1] -> an R x C image grid with titles, saved as PNG."""
-    plt = _plt()
-    rows, cols = len(row_titles), len(columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols + 2.2, 1.5 * rows), squeeze=False)
-    for j, (col, title) in enumerate(zip(columns, column_titles)):
-        for i in range(rows):
-            ax = axes[i][j]
-            ax.imshow(col[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(row_titles[i], fontsize=8, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+from ..figures import pyplot as _plt
+from ..figures import save_grid  # noqa: F401 (the demo's grid)
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sampler import Embeddings, decode_latents, make_schedule, sample_latents, switch_sampling_config
+from ..sampler import Embeddings, decode_latents, make_schedule, sample_latents, seeded_noise, switch_sampling_config
 from .models import LATENT_SIZE
 
 
 def initial_latents(seeds: list[int], channels: int = 4, size: int = LATENT_SIZE) -> Tensor:
     """(B, 4, 16, 16) standard-normal latents, one generator per seed (independent of the batch size)."""
-    return torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
+    return seeded_noise(seeds, (channels, size, size))
 
 
 def _rows(emb: Embeddings, sl: slice) -> Embeddings:

@@ -1,0 +1,7 @@
+"""Paired evaluation of tuned text encoders against the original (`evaluate`), and its pieces for
+evaluation during training (`core`)."""
+from __future__ import annotations
+
+from .runner import EvalOptions, EvalResult, evaluate
+
+__all__ = ["EvalOptions", "EvalResult", "evaluate"]

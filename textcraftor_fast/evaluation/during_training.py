@@ -1,0 +1,78 @@
+"""Evaluation during training (train.eval_every): the encoder being trained against the original, paired, on a
+few held-out prompts, with the same noise seeds at every evaluation so the curve moves only with the encoder.
+
+It draws no random numbers from the training generators (each sample's noise comes from its own seed), so a
+run with evaluation trains exactly as one without, and resumes bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .core import conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
+from .prompts import eval_prompts, is_tiny_world_set
+from .stats import paired_diff
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..sampler import DDIMSchedule
+
+logger = logging.getLogger(__name__)
+
+GRID_SAMPLES = 8
+
+
+class TrainingEvaluator:
+    """`evaluator(encoder)` -> ({'eval/<metric>': mean, 'eval/<metric>_diff': paired diff}, picture grid)."""
+
+    def __init__(self, cfg: TrainConfig, unet: nn.Module, vae: nn.Module, tokenizer, original: nn.Module,
+                 schedule: DDIMSchedule, latent_shape: tuple[int, int, int], rewards) -> None:
+        self.cfg, self.unet, self.vae, self.tokenizer, self.original = cfg, unet, vae, tokenizer, original
+        self.schedule, self.latent_shape = schedule, latent_shape
+        prompts = eval_prompts(cfg.data.eval_path, cfg.data.field, cfg.data.eval_max_prompts)
+        self.samples, self.seeds = sample_set(prompts, cfg.data.eval_seeds_per_prompt)
+        self.scorers = [reward_scorer(rewards)]
+        if cfg.model.kind == "tiny_world" and is_tiny_world_set(cfg.data.eval_path):
+            self.scorers.append(tiny_world_scorer())
+        self.switch = min(cfg.sampler.effective_switch_step, len(schedule.steps) - 1)
+        self._base: tuple[dict[str, Tensor], Tensor] | None = None
+        logger.info("Evaluation every %d steps on %d samples of %s", cfg.train.eval_every, len(self.samples),
+                    cfg.data.eval_path)
+
+    @torch.no_grad()
+    def _run(self, tuned: nn.Module | None) -> tuple[dict[str, Tensor], Tensor]:
+        scores: dict[str, list[Tensor]] = {}
+        shown = []
+        bs = self.cfg.train.batch_size
+        for start in range(0, len(self.samples), bs):
+            prompts, seeds = self.samples[start:start + bs], self.seeds[start:start + bs]
+            frozen, mixed = conditioning(self.original, tuned, self.tokenizer, prompts, 1.0,
+                                         self.cfg.sampler.train_uncond)
+            images = sample_images(self.unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
+                                   self.cfg.sampler.guidance_scale, self.switch)
+            for scorer in self.scorers:
+                for k, v in scorer(images, prompts).items():
+                    scores.setdefault(k, []).append(v)
+            if start < GRID_SAMPLES:
+                shown.append(images[: GRID_SAMPLES - start].cpu())
+        return {k: torch.cat(v) for k, v in scores.items()}, torch.cat(shown)
+
+    def __call__(self, encoder: nn.Module) -> tuple[dict[str, float], Tensor]:
+        """Metrics of `encoder` (left in the mode it came in) and a (2N, 3, H, W) grid: original row, tuned row."""
+        if self._base is None:
+            self._base = self._run(None)
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            scores, images = self._run(encoder)
+        finally:
+            encoder.train(was_training)
+        base_scores, base_images = self._base
+        metrics: dict[str, float] = {}
+        for name, values in scores.items():
+            metrics[f"eval/{name}"] = float(values.mean())
+            metrics[f"eval/{name}_diff"] = paired_diff(values, base_scores[name])["diff"]
+        return metrics, torch.cat([base_images, images])

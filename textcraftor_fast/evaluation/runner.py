@@ -1,0 +1,240 @@
+"""`evaluate`: is a tuned text encoder better than the original, on these prompts, by how much, how surely?
+
+For the original encoder and every tuned one, every configured reward (and, on the tiny world, the judge's
+accuracy per attribute) on a prompt set with paired seeds; the table holds means, paired differences and
+95% intervals. Beside it: the interpolation curve (w = 0 ... 1) and the switch-step curve of each tuned
+encoder, and a grid of pictures (prompts x encoders). Finished batches are cached on disk, so a killed
+evaluation restarts where it stopped and gives the same table.
+
+    result = evaluate(load_config("configs/sd15.toml"), ["outputs/run/text_encoder"], "outputs/eval",
+                      EvalOptions(prompts="builtin:parti", max_prompts=200, seeds_per_prompt=2))
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import TrainConfig
+from . import report
+from .cache import ScoreCache, fingerprint, weights_fingerprint
+from .core import EVAL_SEED0, Variant, conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
+from .prompts import eval_prompts, is_tiny_world_set
+from .result import EvalResult
+from .stats import compare_paired, mean_ci, paired_diff
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Part of every cache key: bump it when a change to sampling or scoring changes the numbers, so an old cache
+# is never read as the new code's result.
+CACHE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    prompts: str = "builtin:parti"
+    """A prompt file (.txt/.jsonl/.csv/.tsv/.parquet), 'builtin:parti', or 'builtin:tiny_world[:validation]'."""
+    field: str = "prompt"
+    max_prompts: int | None = None
+    seeds_per_prompt: int = 1
+    """Noise seeds per prompt: sample k is (prompt k mod P, seed seed0 + k), the same for every encoder."""
+    seed0: int = EVAL_SEED0
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS
+    """Interpolation weights of the w-curve (e = w * tuned + (1 - w) * original); () skips it; w > 1 extrapolates."""
+    switch_steps: tuple[int, ...] | None = None
+    """Switch steps of the switch-step curve (tuned encoder from this step on); None: 0, n/4, n/2, 3n/4; () skips."""
+    switch_step: int | None = None
+    """Where tuned encoders take over in the main table; None: the config's (sampler.switch_step or n - K)."""
+    num_steps: int | None = None
+    """DDIM steps; None: sampler.num_steps."""
+    guidance_scale: float | None = None
+    """CFG scale; None: sampler.guidance_scale."""
+    batch_size: int = 8
+    grid_prompts: int = 8
+    """Rows of the picture grid: the first N prompts at their first seed."""
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key, low in (("seeds_per_prompt", 1), ("batch_size", 1), ("grid_prompts", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"evaluate: {key} must be an integer >= {low}, got {getattr(self, key)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"evaluate: max_prompts must be >= 1 or unset, got {self.max_prompts}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def encoder_name(path: str) -> str:
+    """A column name for a tuned encoder: its run folder's name ('outputs/run1/text_encoder' -> 'run1')."""
+    p = Path(path)
+    return p.parent.name if p.name in ("text_encoder", "") and p.parent.name else p.stem or str(p)
+
+
+class _Evaluation:
+    """The loaded models and settings of one evaluation, and the sampling/scoring of one variant."""
+
+    def __init__(self, config: TrainConfig, text_encoders: Sequence[str], out_dir: Path, opts: EvalOptions):
+        from ..loaders import load_components
+        from ..models import load_text_encoder
+        from ..rewards import build_rewards
+        from ..sampler import make_schedule
+
+        self.opts, self.config = opts, config
+        self.device = _device(opts.device)
+        comp = load_components(config.model, seed=config.seed)
+        self.comp = comp
+        self.unet = comp.unet.to(self.device).eval()
+        self.vae = comp.vae.to(self.device).eval()
+        self.original = comp.text_encoder.to(self.device).eval()
+        self.tuned = [load_text_encoder(p, config=comp.text_encoder.config).to(self.device).eval()
+                      for p in text_encoders]
+        s = config.sampler
+        self.num_steps = opts.num_steps or s.num_steps
+        self.guidance = opts.guidance_scale if opts.guidance_scale is not None else s.guidance_scale
+        self.switch = opts.switch_step if opts.switch_step is not None else min(s.effective_switch_step,
+                                                                                self.num_steps - 1)
+        self.schedule = make_schedule(comp.scheduler.config, self.num_steps, 0.0, s.timestep_spacing)
+        side = config.model.resolution // comp.vae_scale_factor
+        self.latent_shape = (comp.unet.config.in_channels, side, side)
+        self.prompts = eval_prompts(opts.prompts, opts.field, opts.max_prompts)
+        self.samples, self.seeds = sample_set(self.prompts, opts.seeds_per_prompt, opts.seed0)
+        self.scorers = [reward_scorer(build_rewards(config.rewards, self.device))]
+        if config.model.kind == "tiny_world" and is_tiny_world_set(opts.prompts):
+            self.scorers.append(tiny_world_scorer())
+        self.grid_n = min(opts.grid_prompts, len(self.prompts))
+        self.cache = ScoreCache(out_dir / "cache")
+        # Keyed by weights, not paths: a retrained encoder at the same path is a new key, and adding an
+        # encoder to an evaluation reuses every batch already scored for the others.
+        self._hashes = [weights_fingerprint(e) for e in self.tuned]
+        self._base_key = {"version": CACHE_VERSION, "model": dataclasses.asdict(config.model),
+                          "rewards": [dataclasses.asdict(r) for r in config.rewards],
+                          "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
+                          "spacing": s.timestep_spacing, "train_uncond": s.train_uncond,
+                          "prompts": fingerprint(self.prompts), "spc": opts.seeds_per_prompt, "seed0": opts.seed0,
+                          "batch": opts.batch_size, "grid": self.grid_n, "tiny_judge": len(self.scorers) > 1}
+        self._memo: dict[str, dict[str, Tensor]] = {}
+
+    def variant_key(self, v: Variant) -> str:
+        if v.encoder is None:  # the original encoder: weight and switch step do not apply
+            return fingerprint({**self._base_key, "encoder": None})
+        return fingerprint({**self._base_key, "encoder": self._hashes[v.encoder], "w": v.weight,
+                            "switch": v.switch_step})
+
+    def batches(self) -> range:
+        return range(0, len(self.samples), self.opts.batch_size)
+
+    @torch.no_grad()
+    def _run_batch(self, v: Variant, start: int) -> dict[str, Tensor]:
+        idx = range(start, min(start + self.opts.batch_size, len(self.samples)))
+        prompts, seeds = [self.samples[i] for i in idx], [self.seeds[i] for i in idx]
+        tuned = self.tuned[v.encoder] if v.encoder is not None else None
+        frozen, mixed = conditioning(self.original, tuned, self.comp.tokenizer, prompts, v.weight,
+                                     self.config.sampler.train_uncond)
+        images = sample_images(self.unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
+                               self.guidance, v.switch_step)
+        scores: dict[str, Tensor] = {}
+        for scorer in self.scorers:
+            scores.update(scorer(images, prompts))
+        shown = [i - start for i in idx if i < self.grid_n]
+        if shown:  # pictures only for the grid's samples: the cache stays a few bytes per sample
+            scores["images"] = (images[shown].cpu() * 255).round().to(torch.uint8)
+        return scores
+
+    def run(self, v: Variant, bar) -> dict[str, Tensor]:
+        """Per-sample scores of variant `v` over the whole sample set, from the cache where it has them."""
+        key = self.variant_key(v)
+        if key in self._memo:
+            bar.update(len(self.batches()))
+            return self._memo[key]
+        parts = []
+        for start in self.batches():
+            bar.set_postfix_str(v.label, refresh=False)
+            scores = self.cache.load(key, start)
+            if scores is None:
+                scores = self._run_batch(v, start)
+                self.cache.save(key, start, scores)
+            parts.append(scores)
+            bar.update(1)
+        merged = {k: torch.cat([p[k] for p in parts if k in p]) for k in parts[0]}
+        self._memo[key] = merged
+        return merged
+
+
+def _variants(ev: _Evaluation, names: list[str]) -> tuple[list[Variant], dict[str, list[Variant]],
+                                                           dict[str, list[Variant]]]:
+    """(main variants: original + each tuned encoder as used; w-curve and switch-curve variants per encoder)."""
+    opts, n = ev.opts, ev.num_steps
+    switches = opts.switch_steps if opts.switch_steps is not None else tuple(sorted({0, n // 4, n // 2, 3 * n // 4}))
+    bad = [s for s in switches if not 0 <= s < n]
+    if bad:
+        raise ValueError(f"switch steps {bad} are outside [0, {n - 1}] for {n} DDIM steps")
+    if any(w > 1 or w < 0 for w in opts.weights):
+        logger.warning("interpolation weights %s go outside [0, 1]: extrapolating past the tuned (or original) "
+                       "embedding, where nothing was trained", [w for w in opts.weights if w > 1 or w < 0])
+    main = [Variant("original")] + [Variant(name, i, 1.0, ev.switch) for i, name in enumerate(names)]
+    w_curves = {name: [Variant(f"{name} w={w:g}", i, w, ev.switch) for w in sorted(opts.weights)]
+                for i, name in enumerate(names)}
+    s_curves = {name: [Variant(f"{name} switch={s}", i, 1.0, s) for s in sorted(switches)]
+                for i, name in enumerate(names)}
+    return main, w_curves, s_curves
+
+
+def _curve_points(variants: list[Variant], scores: dict[str, dict[str, Tensor]], base: dict[str, Tensor],
+                  metrics: list[str], axis: str) -> list[dict]:
+    points = []
+    for v in variants:
+        s = scores[v.label]
+        point: dict = {axis: v.weight if axis == "weight" else v.switch_step}
+        for m in metrics:
+            mean, hw = mean_ci(s[m])
+            point[m] = {"mean": mean, "mean_hw": hw, **paired_diff(s[m], base[m])}  # half_width: the paired diff's
+        points.append(point)
+    return points
+
+
+def evaluate(config: TrainConfig, text_encoders: Sequence[str] = (), out_dir: str | Path = "outputs/evaluate",
+             options: EvalOptions = EvalOptions(), names: Sequence[str] | None = None) -> EvalResult:
+    """Paired evaluation of the original encoder and each tuned one (a text_encoder folder, a run folder
+    holding text_encoder/, a checkpoint's encoder or one .safetensors) on `options.prompts`; writes
+    table.md/.csv/.json, grid.png and the curves under `out_dir` (and its resumable cache) and returns them."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(names) if names else [encoder_name(p) for p in text_encoders]
+    if len(names) != len(text_encoders) or len(set(names) | {"original"}) != len(names) + 1:
+        raise ValueError(f"need one distinct name per tuned encoder (and none called 'original'); got {names} "
+                         f"for {len(text_encoders)} encoders: pass --name for each")
+    ev = _Evaluation(config, text_encoders, out, options)
+    main, w_curves, s_curves = _variants(ev, names)
+    every = main + [v for vs in (*w_curves.values(), *s_curves.values()) for v in vs]
+    cached_before = ev.cache.count()
+    logger.info("Evaluating %d prompts x %d seeds = %d samples for %d encoder settings (%d batches cached)",
+                len(ev.prompts), options.seeds_per_prompt, len(ev.samples), len(every), cached_before)
+    bar = tqdm(total=len(every) * len(ev.batches()), desc="evaluate", unit="batch", disable=not options.progress,
+               dynamic_ncols=True)
+    scores = {v.label: ev.run(v, bar) for v in every}
+    bar.close()
+    base = scores["original"]
+    metrics = [k for k in base if k != "images"]
+    table = {name: compare_paired(base, scores[name], metrics) for name in names}
+    curves = {name: {"weight": _curve_points(w_curves[name], scores, base, metrics, "weight"),
+                     "switch_step": _curve_points(s_curves[name], scores, base, metrics, "switch_step")}
+              for name in names}
+    result = EvalResult(out, table, curves, scores)
+    info = {"prompts": options.prompts, "n_prompts": len(ev.prompts), "seeds_per_prompt": options.seeds_per_prompt,
+            "n_samples": len(ev.samples), "num_steps": ev.num_steps, "guidance_scale": ev.guidance,
+            "switch_step": ev.switch, "seed0": options.seed0, "encoders": dict(zip(names, map(str, text_encoders)))}
+    result.files = report.write_all(result, info, [ev.prompts[i] for i in range(ev.grid_n)], names)
+    return result
