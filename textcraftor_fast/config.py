@@ -69,8 +69,11 @@ class SamplerConfig:
     """Gradient checkpointing of UNet calls: none, every call ('step'), or every n-th call ('every_n')."""
     checkpoint_every: int = 2
     """n for checkpoint='every_n'."""
-    checkpoint_vae: bool = True
-    """Checkpoint the VAE decode too (the official code does not; it is the largest activation)."""
+    checkpoint_vae: bool | Literal["blocks"] = True
+    """Checkpoint the VAE decode (the official code does not; its full-resolution activations are the largest
+    single cost): true = the whole decode as one piece (backward recomputes the whole decoder graph at once);
+    'blocks' = each decoder stage (mid block, every up block, output head) separately, so backward holds one
+    stage's graph at a time; false = plain."""
     train_uncond: bool = True
     """The unconditional embedding comes from the trainable encoder (paper); False keeps it frozen."""
 

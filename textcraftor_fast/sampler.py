@@ -214,15 +214,53 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
     return torch.cat(outs)
 
 
-def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool = True) -> Tensor:
-    """Latents -> images in [0, 1] (B, 3, H, W), differentiably; optionally checkpointed (the decoder's
-    activations at full resolution are the largest single memory cost of a step)."""
+def vae_decoder_stages(vae: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """AutoencoderKL.decode (without tiling or slicing) as its stages, in diffusers' Decoder.forward order:
+    post_quant_conv + conv_in + mid block, each up block, then the output head (norm, act, conv_out), which at
+    full resolution keeps three activations of its own. Calling them in turn IS the decode (tests check it
+    bit for bit); checkpointing each separately is `decode_latents(..., "blocks")`."""
+    dec = getattr(vae, "decoder", None)
+    parts = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
+    missing = [p for p in parts if not hasattr(dec, p)]
+    if missing:
+        raise ValueError(f"checkpoint_vae='blocks' needs a diffusers AutoencoderKL-style vae.decoder with "
+                         f"{', '.join(parts)}; {type(vae).__name__} lacks {', '.join(missing)}: use "
+                         "sampler.checkpoint_vae=true (the whole decode as one piece)")
+    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+        raise ValueError("checkpoint_vae='blocks' decodes the batch in one piece: disable VAE tiling/slicing "
+                         "or use sampler.checkpoint_vae=true")
+    post_quant_conv = getattr(vae, "post_quant_conv", None)
+
+    def first(z: Tensor) -> Tensor:
+        z = post_quant_conv(z) if post_quant_conv is not None else z
+        return dec.mid_block(dec.conv_in(z), None)
+
+    def head(x: Tensor) -> Tensor:
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
+
+    ups = [lambda x, block=block: block(x, None) for block in dec.up_blocks]
+    return [first, *ups, head]
+
+
+def _decode_in_stages(vae: nn.Module, z: Tensor) -> Tensor:
+    # Each stage keeps only its input for backward; backward recomputes one stage's graph at a time.
+    for stage in vae_decoder_stages(vae):
+        z = checkpoint(stage, z, use_reentrant=False)
+    return z
+
+
+def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool | str = True) -> Tensor:
+    """Latents -> images in [0, 1] (B, 3, H, W), differentiably. `use_checkpoint`: False = plain; True = the
+    decode checkpointed as one piece (the decoder's full-resolution activations are the largest single memory
+    cost of a step); 'blocks' = each decoder stage checkpointed separately (`vae_decoder_stages`)."""
+    if use_checkpoint not in (True, False, "blocks"):
+        raise ValueError(f"use_checkpoint must be True, False or 'blocks', got {use_checkpoint!r}")
     scale = float(getattr(vae.config, "scaling_factor", 0.18215))
     shift = getattr(vae.config, "shift_factor", None)
     z = latents / scale + (float(shift) if shift else 0.0)
     fn = lambda z_: vae.decode(z_).sample
     if use_checkpoint and torch.is_grad_enabled() and z.requires_grad:
-        image = checkpoint(fn, z, use_reentrant=False)
+        image = _decode_in_stages(vae, z) if use_checkpoint == "blocks" else checkpoint(fn, z, use_reentrant=False)
     else:
         image = fn(z)
     return (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
