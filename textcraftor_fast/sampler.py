@@ -157,25 +157,36 @@ def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: i
                          switch_step=min(switch_step, num_steps - 1))
 
 
-def _should_checkpoint(policy: str, every: int, grad_index: int) -> bool:
+def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, plain_calls: int | None) -> bool:
+    """Whether graph-carrying call `grad_index` of `calls` is checkpointed. 'auto' checkpoints the earliest
+    calls and leaves the last `plain_calls` plain (the memory plan's count, textcraftor_fast/memory_policy.py):
+    backward reaches the checkpointed calls after the plain calls' graphs are freed, so a recompute never lives
+    beside them; with random K the count stays a bound on the plain calls."""
     if policy == "none":
         return False
     if policy == "step":
         return True
     if policy == "every_n":
         return grad_index % every == 0
-    raise ValueError(f"checkpoint policy must be none, step or every_n, got {policy!r}")
+    if policy == "auto":
+        if plain_calls is None:
+            raise ValueError("checkpoint='auto' needs plain_calls, the memory plan's number of UNet calls left "
+                             "uncheckpointed (Trainer builds it from train.memory_budget_gb)")
+        return grad_index < calls - plain_calls
+    raise ValueError(f"checkpoint policy must be none, step, every_n or auto, got {policy!r}")
 
 
 def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
                    trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
-                   noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False) -> Tensor:
+                   noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False,
+                   plain_calls: int | None = None) -> Tensor:
     """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
 
     Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
-    graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`). With
-    `trainable=None` the whole chain is a plain no-grad sample on `frozen` (evaluation, base model).
-    `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see `guided_ddim_step`.
+    graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`; with 'auto', all
+    but `plain_calls` of them). With `trainable=None` the whole chain is a plain no-grad sample on `frozen`
+    (evaluation, base model). `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see
+    `guided_ddim_step`.
     """
     n = len(schedule.steps)
     k = cfg.grad_steps if grad_steps is None else grad_steps
@@ -194,23 +205,28 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
                                      schedule.prediction_type, noise, fused=fused_step)
             continue
         x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
-                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k)),
-                             fused_step)
+                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k), k,
+                                                       plain_calls), fused_step)
     return x
 
 
 def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
-                     cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False) -> Tensor:
+                     cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False,
+                     plain_calls: int | None = None) -> Tensor:
     """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
-    differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B)."""
+    differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B).
+    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain."""
     last = schedule.steps[-1]
     x0 = final_latents.detach()
     outs = []
-    for _ in range(cfg.draft_lv_samples):
+    n = cfg.draft_lv_samples
+    for j in range(n):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
+        ckpt = (_should_checkpoint("auto", cfg.checkpoint_every, j, n, plain_calls) if cfg.checkpoint == "auto"
+                else cfg.checkpoint != "none")
         outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
-                                     schedule.prediction_type, None, cfg.checkpoint != "none", fused_step))
+                                     schedule.prediction_type, None, ckpt, fused_step))
     return torch.cat(outs)
 
 
