@@ -12,6 +12,8 @@ ratio, not the absolute time, is the result. Run: `pytest benchmarks/test_bench_
 """
 from __future__ import annotations
 
+import statistics
+import time
 import types
 
 import pytest
@@ -48,18 +50,21 @@ def _reward(mode: str) -> ClipSimilarityReward:
     return ClipSimilarityReward(tower, scale=100.0)
 
 
-@pytest.mark.parametrize("mode", ["official", "official_hpsv2", "frozen_uncached", "frozen_cached"])
+MODES = ("official", "official_hpsv2", "frozen_uncached", "frozen_cached")
+
+
+def _run(reward: ClipSimilarityReward) -> None:
+    images = torch.rand(4, 3, 112, 112, requires_grad=True)
+    (-reward(images, PROMPTS).sum()).backward()
+    assert images.grad is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_bench_reward_step(benchmark, mode):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     reward = _reward(mode)
-
-    def run():
-        images = torch.rand(4, 3, 112, 112, requires_grad=True)
-        (-reward(images, PROMPTS).sum()).backward()
-        assert images.grad is not None
-
-    benchmark.pedantic(run, rounds=8, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(_run, args=(reward,), rounds=8, iterations=1, warmup_rounds=1)
     calls = reward.tower.text_forward_calls
     benchmark.extra_info.update(mode=mode, text_tower_calls=calls, device="cpu (1 thread)")
     rounds = 1 + (8 if benchmark.enabled else 0)  # pedantic runs warmup + rounds when enabled, once when disabled
@@ -72,3 +77,25 @@ def test_bench_reward_step(benchmark, mode):
     else:  # the official waste: image-side weight gradients, and HPSv2's text side too
         assert all(g is not None for g in vision)
         assert all((g is not None) == (mode == "official_hpsv2") for g in text)
+
+
+def test_reward_step_ratios(benchmark):
+    """Every mode once per round, interleaved, so the ratios see the same machine load (medians, one run)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rewards = {mode: _reward(mode) for mode in MODES}
+    rounds = 1 if benchmark.disabled else 15
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for i in range(rounds + 1):
+        for mode, reward in rewards.items():
+            t0 = time.perf_counter()
+            _run(reward)
+            if i:  # round 0 warms up (and fills the cache)
+                times[mode].append(time.perf_counter() - t0)
+    med = {mode: statistics.median(t) for mode, t in times.items()}
+    ratios = {mode: med[mode] / med["frozen_cached"] for mode in MODES}
+    benchmark.extra_info.update(median_ms={m: 1e3 * v for m, v in med.items()}, ratio_to_frozen_cached=ratios,
+                                times_ms={m: [1e3 * v for v in t] for m, t in times.items()})
+    print("\nreward step, median of %d interleaved rounds (ms): " % rounds +
+          ", ".join(f"{m} {1e3 * med[m]:.1f} (x{ratios[m]:.2f})" for m in MODES))
+    benchmark.pedantic(_run, args=(rewards["frozen_cached"],), rounds=1, iterations=1)

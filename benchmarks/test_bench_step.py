@@ -79,7 +79,7 @@ def test_step_time_vs_official(pair, benchmark):
     spread = {k: (min(v), max(v)) for k, v in times.items()}
     benchmark.extra_info.update(median_s_ours=med["ours"], median_s_official=med["official"],
                                 speedup=med["official"] / med["ours"], times_s=times)
-    print(f"\nstep time median of {rounds}: ours {med['ours']:.3f}s [{spread['ours'][0]:.3f}, {spread['ours'][1]:.3f}], "
-          f"official {med['official']:.3f}s [{spread['official'][0]:.3f}, {spread['official'][1]:.3f}], "
-          f"speed-up x{med['official'] / med['ours']:.2f}")
+    lo_hi = {k: f"[{v[0]:.3f}, {v[1]:.3f}]" for k, v in spread.items()}
+    print(f"\nstep time median of {rounds}: ours {med['ours']:.3f}s {lo_hi['ours']}, official "
+          f"{med['official']:.3f}s {lo_hi['official']}, speed-up x{med['official'] / med['ours']:.2f}")
     benchmark.pedantic(ours.train_step, rounds=1, iterations=1)

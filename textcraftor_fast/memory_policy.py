@@ -48,7 +48,7 @@ class StepProfile:
 
     encoder: int  # the trainable text encoder's graph (batch prompts + the unconditional one)
     unet_call: int  # one graph-carrying CFG UNet call + DDIM update, plain
-    unet_call_checkpointed: int  # the same call checkpointed: its latent input (it keeps its inputs)
+    unet_call_checkpointed: int  # the same call checkpointed, which keeps only its inputs: here its latent
     embeddings: int  # cond + uncond embeddings, which every checkpointed call keeps, shared
     vae_stages: tuple[int, ...]  # each decoder stage, plain (vae_decoder_stages order)
     vae_stage_inputs: int  # the stages' inputs: what per-stage checkpointing keeps
@@ -78,8 +78,8 @@ class StepProfile:
         ckpt = calls - plain_calls
         # The rewards' backward frees their graph before the decoder recomputes.
         start = self.kept(calls, plain_calls, vae) + max(0, self.vae_recompute(vae) - self.rewards)
-        recompute = self.encoder + self.embeddings + ckpt * self.unet_call_checkpointed + self.unet_call if ckpt else 0
-        return self.fixed + max(start, recompute)
+        recompute = self.encoder + self.embeddings + ckpt * self.unet_call_checkpointed + self.unet_call
+        return self.fixed + max(start, recompute if ckpt else 0)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _model_tensors(*modules: nn.Module) -> list[Tensor]:
 
 def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
     """Run each piece of one step once, forward only, and count what it saves for backward."""
-    s, (b, c, h, w) = probe.sampler, probe.latent_shape
+    s, b = probe.sampler, probe.latent_shape[0]
     ignore = _model_tensors(probe.text_encoder, probe.unet, probe.vae, probe.rewards)
     step = probe.schedule.steps[-1]
     decode_batch = b * max(1, s.draft_lv_samples)
