@@ -81,3 +81,17 @@ def test_builtin_tiny_config_is_shipped_and_matches_the_readable_copy():
     assert load_config("builtin:tiny") == load_config("configs/tiny.toml")
     with pytest.raises(ConfigError, match="built-in configs: builtin:tiny"):
         load_config("builtin:nope")
+
+
+def test_checkpoint_choices_name_the_key_and_the_valid_ones():
+    cfg = load_config(None, TINY + ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto",
+                                    "train.memory_budget_gb=6"])
+    assert (cfg.sampler.checkpoint, cfg.sampler.checkpoint_vae, cfg.train.memory_budget_gb) == ("auto", "auto", 6.0)
+    assert load_config(None, TINY + ["sampler.checkpoint_vae=blocks"]).sampler.checkpoint_vae == "blocks"
+    assert load_config(None, TINY + ["sampler.checkpoint_vae=false"]).sampler.checkpoint_vae is False
+    with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_vae': expected bool or one of 'blocks', 'auto'"):
+        load_config(None, TINY + ["sampler.checkpoint_vae=sometimes"])
+    with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_vae'.*'auto' needs sampler\.checkpoint='auto'"):
+        load_config(None, TINY + ["sampler.checkpoint_vae=auto"])
+    with pytest.raises(ConfigError, match=r"'train\.memory_budget_gb': expected a float > 0"):
+        load_config(None, TINY + ["train.memory_budget_gb=0"])

@@ -30,6 +30,7 @@ from . import checkpointing
 from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
+from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from .monitor import embedding_monitor
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
@@ -180,6 +181,7 @@ class Trainer:
         self.uncond_ids = self._tokenize([""])
         with torch.no_grad():
             self.frozen_uncond = self._encode(self.original_encoder, self.uncond_ids)
+        self.memory_plan = self._memory_plan()
         self._log_summary(len(prompts))
 
     def _log_summary(self, num_prompts: int) -> None:
@@ -198,6 +200,15 @@ class Trainer:
                     " (random)" if cfg.sampler.random_grad_steps else "", cfg.sampler.effective_switch_step,
                     cfg.sampler.checkpoint)
         logger.info("  Device = %s, mixed precision = %s", self.device, cfg.train.mixed_precision)
+
+    def _memory_plan(self) -> MemoryPlan:
+        """Which UNet calls / VAE stages to checkpoint: as configured, or fitted to the budget ('auto')."""
+        cfg, b = self.cfg, self.cfg.train.batch_size
+        probe = StepProbe(self.text_encoder, self._tokenize([""] * (b + 1)), self.unet, self.vae, self.rewards,
+                          self.schedule, cfg.sampler, (b, self.latent_channels, self.latent_size, self.latent_size),
+                          self._autocast, self.fused_step)
+        return apply_memory_policy(cfg.sampler, cfg.train.memory_budget_gb, self.device, probe,
+                                   training_state_bytes(self.params, cfg.optim.name))
 
     # ------------------------------------------------------------------------------------------- step parts
     def _tokenize(self, prompts: list[str]) -> Tensor:
@@ -233,13 +244,14 @@ class Trainer:
             shape = (len(prompts), self.latent_channels, self.latent_size, self.latent_size)
             x_T = torch.randn(shape, generator=self.generator, device=self.device)  # (B, 4, h, w)
             noise_fn = lambda x: torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+            plain_calls = self.memory_plan.plain_unet_calls
             latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn,
-                                     self.fused_step)
+                                     self.fused_step, plain_calls)
             if s.draft_lv_samples > 0:
                 latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator,
-                                           self.fused_step)
+                                           self.fused_step, plain_calls)
                 prompts = prompts * s.draft_lv_samples
-            images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
+            images = decode_latents(self.vae, latents.to(self.vae.dtype), self.memory_plan.vae)  # (B, 3, H, W)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}
