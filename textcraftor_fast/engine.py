@@ -298,7 +298,13 @@ class Trainer:
             for key, v in m.items():
                 accum[key] = accum.get(key, 0.0) + v / cfg.gradient_accumulation_steps
         if self.ds is not None:  # [deepspeed] the engine has stepped at the last micro-batch
-            return self._step_metrics(accum, k, self.ds.grad_norm, False, t0)
+            metrics = self._step_metrics(accum, k, self.ds.grad_norm, False, t0)
+            if cfg.nan_guard and not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                # The step cannot be skipped: DeepSpeed took it inside the last backward. Stop before saving.
+                raise RuntimeError(f"step {self.step + 1}: non-finite loss or gradients under DeepSpeed (loss "
+                                   f"{metrics['loss']}, grad norm {metrics['grad_norm']}); prompts: "
+                                   f"{self.last_prompts}; resume from the last checkpoint with a lower optim.lr")
+            return metrics
         average_gradients(self.params, self.dist)
         self.scaler.unscale_(self.optimizer)
         finite = math.isfinite(accum["loss"]) and grads_finite(self.params)
