@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-000123/` holding
   text_encoder/        the tuned encoder (diffusers layout: config.json + model.safetensors), drop-in
-  optimizer.pt         optimizer state (tensors and numbers only: loaded with weights_only=True)
+  optimizer.pt         optimizer state in torch's per-parameter format whatever the rank count (DeepSpeed's
+                       ZeRO shards are gathered first), tensors and numbers only: loaded with weights_only=True
   rng.safetensors      torch CPU/CUDA RNG and the sampler generator's state
   rng.json             Python's random state
   state.json           step, data cursor, metrics offset, grad-scaler state
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -151,8 +152,10 @@ def _load_rng(folder: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, rng: dict[str, Any], state: dict[str, Any],
-                    config_toml: str, keep: int | None) -> Path:
+                    optimizer: torch.optim.Optimizer | Mapping[str, Any], rng: dict[str, Any],
+                    state: dict[str, Any], config_toml: str, keep: int | None) -> Path:
+    """Write a checkpoint (see the module docstring); `optimizer` is an optimizer or its state dict (DeepSpeed's,
+    gathered from the shards)."""
     from .models import export_text_encoder
 
     root = checkpoints_dir(output_dir)
@@ -164,7 +167,7 @@ def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Mo
     tmp.mkdir()
     try:
         export_text_encoder(text_encoder, tmp / "text_encoder", layout="diffusers")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict(), tmp / "optimizer.pt")
         _save_rng(tmp, rng)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         (tmp / "config.toml").write_text(config_toml)
@@ -209,10 +212,20 @@ def load_checkpoint(path: Path, text_encoder: torch.nn.Module, optimizer: torch.
         raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     if optimizer is not None:
-        try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' is not a plain optimizer state "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to load it") from None
+        saved = load_optimizer_state(path)
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' does not match the optimizer "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     state = json.loads((path / "state.json").read_text())
     return state, _load_rng(path)
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The optimizer state dict of a checkpoint (torch's per-parameter format, any rank count)."""
+    try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused
+        return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' is not a plain optimizer state "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to load it") from None

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textcraftor-fast", description=(
         "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is
+    # what we read, so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate,export,demo}")
 

@@ -233,10 +233,24 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    backend: Literal["auto", "none", "ddp"] = "auto"
-    """'auto' averages gradients over ranks when launched by torchrun (WORLD_SIZE > 1), else one process."""
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    """'auto' and 'ddp' average gradients over ranks when launched by torchrun (WORLD_SIZE > 1), else one
+    process; 'none' always runs one process; 'deepspeed' wraps the text encoder and its optimizer in a
+    DeepSpeed engine (ZeRO stage `zero_stage`; launched by `deepspeed` or torchrun; docs/distributed.md)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (backend='deepspeed' only): 0 replicates the optimizer state, 1 shards it over
+    ranks, 2 shards it and the gradients; 3 (sharded weights) is refused at start-up (docs/distributed.md)."""
     timeout_s: int = 1800
     """Collective/barrier timeout: a hung rank fails loudly instead of blocking forever."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.timeout_s >= 1, f"{prefix}.timeout_s", "an integer >= 1 (seconds)", self.timeout_s)
+        # Why not ZeRO-3: it shards the encoder's weights, but the collapse monitor, the evaluator and every
+        # save read the full weights on rank 0 outside the engine; the encoder (123M parameters, 0.5 GB in
+        # fp32) fits on any GPU, and ZeRO-2 already shards the 1 GB of AdamW state and the gradients.
+        _check(self.zero_stage != 3, f"{prefix}.zero_stage", "0, 1 or 2 (ZeRO-3 shards the text encoder's "
+               "weights, which the collapse monitor, evaluation and checkpoint export read whole on rank 0; "
+               "ZeRO-2 already shards its optimizer state and gradients)", self.zero_stage)
 
 
 @dataclass(frozen=True)
@@ -287,10 +301,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
+        if self.distributed.backend == "deepspeed":
+            # DeepSpeed's fp16 mode keeps fp16 weights and its own loss scaler; we keep fp32 master weights.
+            _check(self.train.mixed_precision != "fp16", "train.mixed_precision",
+                   "'no' or 'bf16' with distributed.backend='deepspeed'", self.train.mixed_precision)
+            # ZeRO-1/2 hand the optimizer one flat partition per rank: 8-bit state is quantised per block of
+            # that partition and cannot be gathered into a checkpoint that resumes on another rank count.
+            _check(self.optim.name == "adamw" or self.distributed.zero_stage == 0, "optim.name",
+                   "'adamw' with distributed.zero_stage 1 or 2 (8-bit state quantised per ZeRO partition cannot "
+                   "be resharded; use distributed.zero_stage=0, where 8-bit state is already ~4x smaller)",
+                   self.optim.name)
         _check(self.train.eval_every == 0 or bool(self.data.eval_path), "data.eval_path",
                "a prompt file or built-in set when train.eval_every > 0 (e.g. 'builtin:parti')", self.data.eval_path)
     def to_dict(self) -> dict[str, Any]:
