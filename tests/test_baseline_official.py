@@ -75,8 +75,12 @@ def test_the_baseline_computes_the_official_weight_gradients_and_ours_none(pair)
 
     # The same loss, only more work: the encoder gradient agrees.
     assert g_ours.keys() == g_official.keys() and len(g_ours) > 0
+    scale = max(float(g.abs().max()) for g in g_ours.values())
     for name in g_ours:
-        torch.testing.assert_close(g_official[name], g_ours[name], rtol=1e-5, atol=1e-8, msg=name)
+        # Tolerance on the gradients' scale: recomputation and the batched cond+uncond call reorder float sums
+        # (measured 9e-8 where the largest gradient is 0.03; k_proj.bias's is 0 in exact arithmetic, 5e-11 here);
+        # a missing or extra gradient term is orders larger.
+        torch.testing.assert_close(g_official[name], g_ours[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
     # The official optimizer clears only the encoder's grads: the UNet's accumulate across steps.
     before = [p.grad.clone() for p in unet[:8]]
