@@ -82,6 +82,20 @@ def torchrun_runs(deepspeed_ready, reference, tmp_path_factory):
     return out
 
 
+def assert_same_training(got: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
+    """Weights after a few AdamW steps on 2 ranks vs 1 process: all-reduced gradients sum in another order, and
+    AdamW turns a rounding difference in a gradient near its eps into an update difference of up to lr (1e-4
+    here): measured, 1 element of 1024 in one v_proj at 1.33e-6 on main (7.5e-7 on the branch), every other
+    within 1e-6. So: at most 1 in 10,000 elements past atol 1e-6, none past 2 lr per step. A sharding bug (a
+    rank's gradient dropped, another rank's noise rows) moves nearly every element and fails here (the noise
+    one was tried); a gradient scaled by a constant would not (AdamW is scale-invariant): the losses, checked
+    beside, and the optimizer-state test cover what weights cannot."""
+    diff = (got - expected).abs()
+    past = int((diff > 1e-6).sum())
+    assert past <= max(1, expected.numel() // 10_000), f"{msg}: {past} of {expected.numel()} elements past 1e-6"
+    assert float(diff.max()) <= 2 * 1e-4 * 4, f"{msg}: max |difference| {float(diff.max()):.3g}"
+
+
 def _encoder(path: Path) -> dict:
     from textcraftor_fast.models.keymap import clip_state_dict_any_layout
 
@@ -95,7 +109,7 @@ def _check_two_rank_runs(out: Path, reference: dict) -> None:
         assert r0.keys() == expected.keys()
         for key in r0:
             assert torch.equal(r0[key], r1[key]), (stage, key)  # bitwise the same on both ranks
-            torch.testing.assert_close(r0[key], expected[key], rtol=0, atol=1e-6, msg=f"stage {stage} {key}")
+            assert_same_training(r0[key], expected[key], f"stage {stage} {key}")
         losses = json.loads((out / f"stage{stage}" / "rank0.json").read_text())["losses"]
         assert losses == pytest.approx(reference["losses"][:2], abs=1e-6)
 
@@ -136,7 +150,7 @@ def test_saved_on_two_ranks_resumes_on_one_as_an_uninterrupted_run(torchrun_runs
     assert [m["loss"] for m in result.history] == pytest.approx(reference["losses"], abs=1e-6)
     got, expected = _encoder(result.checkpoint), _encoder(reference["step4"])
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+        assert_same_training(got[key], expected[key], key)
 
 
 @pytest.mark.slow
@@ -145,4 +159,4 @@ def test_saved_on_one_rank_resumes_on_two_under_zero_2_as_an_uninterrupted_run(t
     assert info["losses"] == pytest.approx(reference["losses"], abs=1e-6)
     got, expected = load_file(str(torchrun_runs / "resumed" / "rank0.safetensors")), _encoder(reference["step4"])
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+        assert_same_training(got[key], expected[key], key)
