@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (diffusers, pipeline) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95% "
+    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95%% "
                                         "intervals, picture grid, interpolation and switch-step curves")
     common(v)
     v.add_argument("--text-encoder", action="append", metavar="PATH",
