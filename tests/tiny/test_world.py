@@ -12,14 +12,18 @@ from textcraftor_fast.tiny.tokenizer import build_tokenizer, load_tokenizer, sav
 
 def test_captions_round_trip_and_split():
     caps = D.all_captions()
-    assert len(caps) == 108 and len(D.held_out_captions()) == 36 and len(D.train_captions()) == 72
-    assert len(D.test_captions()) == 18 and len(D.validation_captions()) == 18
+    assert len(caps) == 216 and len(D.held_out_captions()) == 72 and len(D.train_captions()) == 144
+    assert len(D.test_captions()) == 36 and len(D.validation_captions()) == 36
     for c in caps:
         assert D.parse_caption(c.text) == c
     train_pairs = {(c.colour, c.shape) for c in D.train_captions()}
     assert not train_pairs & D.HELD_OUT_PAIRS  # held-out pairs never appear in training captions
     # every colour and every shape still appears in training
     assert {c for c, _ in train_pairs} == set(D.COLOURS) and {s for _, s in train_pairs} == set(D.SHAPES)
+    # each colour held out once; each split two pairs of every shape, disjoint
+    assert sorted(c for c, _ in D.HELD_OUT_PAIRS) == sorted(D.COLOURS) and not D.TEST_PAIRS & D.VALIDATION_PAIRS
+    for split in (D.TEST_PAIRS, D.VALIDATION_PAIRS):
+        assert sorted(s for _, s in split) == sorted(D.SHAPES * 2)
 
 
 def test_shipped_prompt_files_are_the_splits():

@@ -1,10 +1,10 @@
 """The tiny world: 32x32 captioned images of one shape, drawn in code, with a held-out split.
 
 Caption grammar: "a {size} {colour} {shape} on {background}", e.g. "a small red circle on black".
-Attributes: colour (6) x shape (3) x size (2) x background (3) = 108 captions. Six colour-shape pairs
-(all their sizes and backgrounds: 36 captions) are HELD OUT: never used to pretrain the UNet / text
-encoder and never used to fine-tune. Three of them (18 captions, one pair of every shape) are the TEST split,
-where the demo reports; the other three (18 captions, again one of every shape) are the VALIDATION split, where
+Attributes: colour (12) x shape (3) x size (2) x background (3) = 216 captions. Twelve colour-shape pairs
+(all their sizes and backgrounds: 72 captions) are HELD OUT: never used to pretrain the UNet / text
+encoder and never used to fine-tune. Six of them (36 captions, two pairs of every shape) are the TEST split,
+where the demo reports; the other six (36 captions, again two of every shape) are the VALIDATION split, where
 its design was chosen. The judge (a reward model of the world, not a generator) is trained on every
 combination, like a real reward model trained on its own data.
 
@@ -34,6 +34,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 40),
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
+    "cyan": (40, 210, 220),
+    "pink": (250, 130, 200),
+    "brown": (130, 75, 30),
+    "teal": (0, 120, 120),
+    "lime": (150, 230, 40),
+    "navy": (30, 40, 130),
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -53,13 +59,18 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 TARGET_ATTRIBUTES: tuple[str, ...] = ("shape",)
 # Colour-shape pairs never seen by the generator in pretraining or fine-tuning, in two disjoint splits:
 # TEST (where reported results are measured, once per run) and VALIDATION (where every design choice of
-# the demo is made). Each colour is held out exactly once and each shape twice, so every shape is still
-# learned from four colours and every colour from two shapes; each split holds ONE pair of every shape, so
-# a design that trades one shape for another cannot look like a gain on validation (world 3 put both
-# held-out squares in test and none in validation, and a drift away from squares passed there).
-TEST_PAIRS: frozenset[tuple[str, str]] = frozenset({("red", "circle"), ("green", "square"), ("blue", "triangle")})
+# the demo is made). Each colour is held out exactly once and each shape four times, so every shape is still
+# learned from eight colours and every colour from two shapes; each split holds TWO pairs of every shape.
+# World 3 put both held-out squares in test and none in validation (a drift away from squares passed
+# there); world 4 held one pair of every shape per split, and one test pair's size loss decided every
+# verdict while validation's three pairs never showed it. Six pairs per split make validation more like test.
+TEST_PAIRS: frozenset[tuple[str, str]] = frozenset({
+    ("red", "circle"), ("cyan", "circle"), ("green", "square"), ("pink", "square"),
+    ("blue", "triangle"), ("lime", "triangle"),
+})
 VALIDATION_PAIRS: frozenset[tuple[str, str]] = frozenset({
-    ("yellow", "triangle"), ("purple", "circle"), ("orange", "square"),
+    ("purple", "circle"), ("navy", "circle"), ("orange", "square"), ("brown", "square"),
+    ("yellow", "triangle"), ("teal", "triangle"),
 })
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = TEST_PAIRS | VALIDATION_PAIRS
 # Half-extent in pixels at 32x32, jittered +-15%. The classes must not overlap: the widest small shape (a
@@ -114,17 +125,17 @@ def train_captions() -> list[Caption]:
 
 
 def held_out_captions() -> list[Caption]:
-    """Every held-out caption (36): test and validation, never seen in pretraining or fine-tuning."""
+    """Every held-out caption (72): test and validation, never seen in pretraining or fine-tuning."""
     return [c for c in all_captions() if c.held_out]
 
 
 def test_captions() -> list[Caption]:
-    """The TEST captions (18): the demo's reported evaluation."""
+    """The TEST captions (36): the demo's reported evaluation."""
     return [c for c in all_captions() if (c.colour, c.shape) in TEST_PAIRS]
 
 
 def validation_captions() -> list[Caption]:
-    """The VALIDATION captions (18): held out like the test ones, used to choose the demo's design."""
+    """The VALIDATION captions (36): held out like the test ones, used to choose the demo's design."""
     return [c for c in all_captions() if (c.colour, c.shape) in VALIDATION_PAIRS]
 
 
