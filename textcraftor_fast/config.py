@@ -37,7 +37,8 @@ class ModelConfig:
     resolution: int = 512
     """Image side in pixels; the latent side is resolution // vae_scale_factor (8 for SD)."""
     text_encoder_path: str = ""
-    """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own."""
+    """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own
+    (train.stage='unet': the frozen encoder the UNet is tuned under, e.g. an encoder-stage run's text_encoder/)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.resolution >= 8 and self.resolution % 8 == 0, f"{prefix}.resolution",
@@ -145,6 +146,41 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "an integer >= 0", self.warmup_steps)
 
 
+# The attention projections diffusers' LoRA training scripts adapt (train_text_to_image_lora.py), which every
+# diffusers LoRA loader expects to find in an SD1.5 UNet LoRA.
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet stage (train.stage = 'unet'): how the UNet is fine-tuned."""
+
+    method: Literal["lora", "full"] = "lora"
+    """'lora': low-rank adapters (peft) on `target_modules`, the base UNet frozen; 'full': every UNet weight, fp32
+    master weights (train.mixed_precision autocasts the compute)."""
+    rank: int = 4
+    """LoRA rank r (diffusers' scripts: 4)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / rank. Unset: alpha = rank (scale 1, as diffusers' scripts)."""
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Module names (peft suffix match) that get adapters: the attention projections by default."""
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    """Initialisation of LoRA's down matrix (the up matrix starts at zero, so the first step is the base model):
+    'gaussian' N(0, 1/r) as diffusers' scripts, 'kaiming' peft's default."""
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank >= 1, f"{prefix}.rank", "an integer >= 1", self.rank)
+        _check(self.alpha is None or self.alpha > 0, f"{prefix}.alpha", "a float > 0 or unset (alpha = rank)",
+               self.alpha)
+        _check(len(self.target_modules) >= 1 and all(bool(m) for m in self.target_modules),
+               f"{prefix}.target_modules", "a non-empty list of module names such as "
+               f"{list(DEFAULT_LORA_TARGETS)}", self.target_modules)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "builtin:parti"
@@ -177,6 +213,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
+    stage: Literal["text_encoder", "unet"] = "text_encoder"
+    """What is fine-tuned: 'text_encoder' (TextCraftor: the CLIP text encoder, everything else frozen) or 'unet' (the
+    UNet, as [unet] says, under the frozen encoder at model.text_encoder_path; the paper's second stage)."""
     steps: int = 10_000
     """Optimizer steps (paper: 10K)."""
     batch_size: int = 4
@@ -269,10 +308,11 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train"):
+        for name in ("model", "sampler", "optim", "data", "train", "unet"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")

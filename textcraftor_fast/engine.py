@@ -5,12 +5,13 @@ Per optimizer step and micro-batch of prompts:
   2. DDIM with CFG from x_T: early steps with no graph on the original embeddings, the last K with a
      graph on the trainable ones, each UNet call checkpointed (sampler.py);
   3. decode with the VAE (differentiable, checkpointed), score with the rewards;
-  4. loss = -sum_i w_i R_i; backward reaches only the text encoder (every other tower is frozen).
+  4. loss = -sum_i w_i R_i; backward reaches only what the stage trains (stages.py): the text encoder
+     (train.stage = 'text_encoder'), or the UNet's LoRA adapters / weights (train.stage = 'unet', where the
+     encoder is frozen and the two embeddings coincide); every other tower is frozen.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -30,11 +31,11 @@ from . import checkpointing
 from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
-from .monitor import embedding_monitor
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
+from .stages import build_stage, checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,19 @@ _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainResult:
-    """What a run produced: the last resumable checkpoint, the final encoder, and the metrics."""
+    """What a run produced: the last resumable checkpoint, the final encoder and/or UNet, and the metrics."""
 
     checkpoint: Path
-    text_encoder: Path
+    text_encoder: Path | None
+    """output_dir/text_encoder: the tuned encoder (text-encoder stage), or the frozen one the UNet was tuned under
+    (UNet stage with model.text_encoder_path set); None for a UNet stage on the base encoder."""
     output_dir: Path
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     """Steps, samples/s, peak memory and the best evaluation of this session (also in output_dir/summary.json)."""
+    unet: Path | None = None
+    """UNet stage: output_dir/unet_lora (diffusers LoRA: pipe.load_lora_weights) or output_dir/unet (full)."""
 
 
 def _device_type(name: str) -> str:
@@ -118,7 +123,8 @@ class Trainer:
         _check_writable(self.output_dir)  # before any model loads: a bad output.dir fails in milliseconds
         # Resolve the resume target before building anything: a wrong path fails in milliseconds.
         spec = cfg.train.resume_from_checkpoint
-        self._resume_from = checkpointing.resolve_checkpoint(spec, self.output_dir) if spec else None
+        self._resume_from = (checkpointing.resolve_checkpoint(spec, self.output_dir, checkpoint_files(cfg))
+                             if spec else None)
         existing = checkpointing.list_checkpoints(self.output_dir)
         if self._resume_from is None and existing and not cfg.output.overwrite:
             raise FileExistsError(f"output.dir '{self.output_dir}' already holds a run (latest checkpoint "
@@ -140,13 +146,12 @@ class Trainer:
         comp = load_components(cfg.model, seed=cfg.seed)
         self.tokenizer = comp.tokenizer
         # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only
-        # cost memory and a cast per call. The trainable encoder keeps fp32 master weights.
+        # cost memory and a cast per call. What the stage trains keeps fp32 master weights.
         cast = {"dtype": self.amp_dtype} if cfg.train.mixed_precision != "no" else {}
-        self.unet = freeze(comp.unet).to(self.device, **cast)
+        self.stage = build_stage(cfg, comp, self.device, cast)
+        self.unet, self.text_encoder = self.stage.unet, self.stage.text_encoder
+        self.original_encoder = self.stage.original_encoder
         self.vae = freeze(comp.vae).to(self.device, **cast)
-        self.text_encoder = comp.text_encoder.to(self.device).float().train()
-        self.text_encoder.requires_grad_(True)
-        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
         self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device,
                                     cfg.ops.attention)
@@ -163,7 +168,7 @@ class Trainer:
             # eta 0 whatever training uses: an evaluation must be deterministic to be compared across steps.
             eval_schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, 0.0,
                                           cfg.sampler.timestep_spacing)
-            self.evaluator = TrainingEvaluator(cfg, self.unet, self.vae, self.tokenizer, self.original_encoder,
+            self.evaluator = TrainingEvaluator(cfg, self.stage.base_unet, self.vae, self.tokenizer, self.original_encoder,
                                                eval_schedule, (self.latent_channels, self.latent_size,
                                                                self.latent_size), self.rewards)
 
@@ -172,8 +177,8 @@ class Trainer:
         self.probe_prompts = prompts[:16]
         self.stream = PromptStream(prompts, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
                                    self.dist.rank, self.dist.world_size)
-        self.params = [p for p in self.text_encoder.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.text_encoder, cfg.optim, self.device)
+        self.params = [p for p in self.stage.trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.stage.trainable, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.mixed_precision == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
         self.py_random = random.Random(cfg.seed + self.dist.rank)
@@ -191,7 +196,7 @@ class Trainer:
         logger.info("  Total train batch size (w. parallel, distributed & accumulation) = %d", total_batch)
         logger.info("  Gradient accumulation steps = %d", cfg.train.gradient_accumulation_steps)
         logger.info("  Total optimization steps = %d", cfg.train.steps)
-        logger.info("  Trainable (text encoder) parameters = %s", f"{n_train:,}")
+        logger.info("  Trainable (%s) parameters = %s", self.stage.name, f"{n_train:,}")
         logger.info("  Sampler: DDIM %d steps %s (t=%s..%s), CFG %.2f, K=%d%s, switch step %d, checkpoint=%s",
                     cfg.sampler.num_steps, cfg.sampler.timestep_spacing, self.schedule.timesteps[0],
                     self.schedule.timesteps[-1], cfg.sampler.guidance_scale, cfg.sampler.grad_steps,
@@ -243,7 +248,7 @@ class Trainer:
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}
-        if self.cfg.train.embedding_anchor > 0:
+        if self.cfg.train.embedding_anchor > 0 and cond.requires_grad:  # a frozen encoder's anchor is a constant
             anchor = (cond.float() - frozen.cond.float()).pow(2).mean()
             loss = loss + self.cfg.train.embedding_anchor * anchor
             extra["anchor"] = float(anchor.detach())
@@ -317,13 +322,13 @@ class Trainer:
         path = checkpointing.checkpoints_dir(self.output_dir) / f"step-{self.step:06d}"
         if self.dist.is_main:
             path = checkpointing.save_checkpoint(
-                self.output_dir, self.step, self.text_encoder, self.optimizer, self.rng_state(),
+                self.output_dir, self.step, self.stage.weights, self.optimizer, self.rng_state(),
                 self.state_dict(), to_toml(self.cfg), self.cfg.train.checkpoints_total_limit)
         barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> Path:
-        state, rng = checkpointing.load_checkpoint(path, self.text_encoder, self.optimizer)
+        state, rng = checkpointing.load_checkpoint(path, self.stage.weights, self.optimizer)
         self.load_state_dict(state, rng)
         self.history = self._read_history()[: state.get("history_len", self.step)]
         logger.info("Resumed from %s at step %d", path, self.step)
@@ -357,7 +362,7 @@ class Trainer:
         if self.evaluator is None or not (self.step % every == 0 or self.step == self.cfg.train.steps):
             return False
         if self.dist.is_main:
-            found, grid = self.evaluator(self.text_encoder)
+            found, grid = self.evaluator(*self.stage.evaluated())
             metrics.update(found)
             if self.tensorboard is not None:
                 self.tensorboard.image_grid("eval/original_vs_tuned", grid, self.step, rows=2)
@@ -459,8 +464,7 @@ class Trainer:
                     spike.check(self.step, metrics["loss"], self.last_prompts)
                 evaluated = self._evaluate(metrics)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or evaluated:
-                    metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
-                                                     self.probe_prompts))
+                    metrics.update(self.stage.monitor(self._tokenize, self.probe_prompts))
                     self._log(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.4f}", s_step=f"{metrics['s_per_step']:.2f}")
@@ -473,13 +477,10 @@ class Trainer:
         bar.close()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
             last_ckpt = self.save()
-        final = self.output_dir / "text_encoder"
-        if self.dist.is_main:
-            from .models import export_text_encoder
-
-            export_text_encoder(self.text_encoder, final, layout="diffusers")
+        final = self.stage.export(self.output_dir, write=self.dist.is_main)
         summary = self._run_summary(first_step, time.perf_counter() - t_start)
-        return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history), summary)
+        return TrainResult(last_ckpt, final.get("text_encoder"), self.output_dir, self.step, list(self.history),
+                           summary, unet=final.get("unet"))
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -489,7 +490,8 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Fine-tune the text encoder as `config` says; returns the checkpoint, final encoder and metrics."""
+    """Fine-tune the text encoder (or the UNet: train.stage) as `config` says; returns the checkpoint, the final
+    encoder and/or UNet, and the metrics."""
     trainer = Trainer(config)
     try:
         return trainer.train()
