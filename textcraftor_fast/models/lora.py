@@ -135,10 +135,11 @@ def is_unet_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / UNET_WEIGHTS).is_file()
 
 
-def load_unet(path: str | Path, base_unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """A tuned UNet as a plain UNet2DConditionModel (fp32, eval, frozen) from `path`:
+def load_unet(path: str | Path, base_unet: UNet2DConditionModel, merge: bool = True) -> UNet2DConditionModel:
+    """A tuned UNet (fp32, eval, frozen) from `path`:
 
-    - a LoRA folder (pytorch_lora_weights.safetensors): applied to a copy of `base_unet` and merged;
+    - a LoRA folder (pytorch_lora_weights.safetensors): applied to a copy of `base_unet` and merged into a plain
+      UNet2DConditionModel (`merge` False: left as adapters, e.g. to write the LoRA again);
     - a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors: a merged export or a full
       fine-tune), whose weights must have `base_unet`'s names and shapes.
     A run or checkpoint folder holding unet_lora/ or unet/ is accepted too (`find_unet`).
@@ -162,8 +163,8 @@ def load_unet(path: str | Path, base_unet: UNet2DConditionModel) -> UNet2DCondit
             # silently become a partial one.
             raise ValueError(f"'{folder}': {n_loaded} of the {n_file} UNet LoRA tensors found a module of the base "
                              "UNet; the LoRA was trained for another model")
-        logger.info("Loaded the UNet LoRA %s (%d tensors) and merged it", folder, n_file)
-        return merged_unet(unet).eval()
+        logger.info("Loaded the UNet LoRA %s (%d tensors)%s", folder, n_file, " and merged it" if merge else "")
+        return merged_unet(unet).eval() if merge else unet.requires_grad_(False).eval()
     from diffusers import UNet2DConditionModel
 
     from .loading import _from_pretrained
