@@ -110,8 +110,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Entry(argparse.Action):
+    """--text-encoder and --model append to one list, so that --name follows the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        entries = list(getattr(namespace, self.dest) or [])
+        entries.append((self.const, value))
+        setattr(namespace, self.dest, entries)
+
+
+def _compare_pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not (sep and a and b):
+        raise argparse.ArgumentTypeError(f"expected NAME:NAME such as both:encoder, got {text!r}")
+    return a, b
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import EvalOptions, evaluate
+    from .evaluation import EvalOptions, Tuned, evaluate
 
     cfg = load_config(args.config, list(args.set or []))
     prompts = args.prompts or ("builtin:tiny_world" if cfg.model.kind == "tiny_world" else "builtin:parti")
@@ -119,8 +135,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
                        switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
                        switch_step=args.switch_step, num_steps=args.steps, batch_size=args.batch_size,
-                       grid_prompts=args.grid_prompts, device=cfg.train.device)
-    result = evaluate(cfg, args.text_encoder or [], args.out, opts, names=args.name)
+                       grid_prompts=args.grid_prompts, device=cfg.train.device, compare=tuple(args.compare or ()))
+    entries = [path if kind == "text_encoder" else Tuned.from_folder(path) for kind, path in args.entries or []]
+    result = evaluate(cfg, entries, args.out, opts, names=args.name)
     print(result.files["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -231,13 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (diffusers, lora, pipeline) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95% "
-                                        "intervals, picture grid, interpolation and switch-step curves")
+    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) and/or UNet(s) against the original: "
+                                        "table with 95% intervals, picture grid, interpolation and switch-step curves")
     common(v)
-    v.add_argument("--text-encoder", action="append", metavar="PATH",
+    v.add_argument("--text-encoder", action=_Entry, const="text_encoder", dest="entries", metavar="PATH",
                    help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
                         "original alone)")
-    v.add_argument("--name", action="append", help="a column name per --text-encoder (default: its run folder)")
+    v.add_argument("--model", action=_Entry, const="model", dest="entries", metavar="PATH",
+                   help="a tuned model: a run folder holding text_encoder/ and/or unet_lora/ (or unet/), e.g. a "
+                        "UNet-stage run, or a UNet LoRA/UNet folder alone (repeatable)")
+    v.add_argument("--name", action="append", help="a column name per --text-encoder / --model, in their order "
+                                                   "(default: the run folder's name)")
+    v.add_argument("--compare", action="append", type=_compare_pair, metavar="A:B",
+                   help="also the paired difference A - B between two evaluated models, e.g. both:encoder "
+                        "(repeatable)")
     v.add_argument("--prompts", help="prompt file, builtin:parti, or builtin:tiny_world[:validation] (default: "
                                      "builtin:tiny_world for the tiny world, else builtin:parti)")
     v.add_argument("--max-prompts", type=int, metavar="N", help="the first N distinct prompts")
