@@ -14,7 +14,7 @@ from textcraftor_fast.evaluation.stats import paired_diff
 from textcraftor_fast.models import export_text_encoder
 from textcraftor_fast.models.lora import merged_unet, save_lora
 
-FAST = dict(prompts="builtin:tiny_world", max_prompts=4, seeds_per_prompt=1, batch_size=2, grid_prompts=2,
+FAST = dict(prompts="builtin:tiny_world", max_prompts=2, seeds_per_prompt=1, batch_size=2, grid_prompts=2,
             progress=False, switch_steps=())
 
 
