@@ -224,8 +224,9 @@ def test_our_generate_with_the_exported_lora_matches_the_adapted_unet(world, lor
     from PIL import Image
 
     merged = load_unet(exports["lora"], world.unet)
-    # W x + (alpha / r) B A x and (W + (alpha / r) B A) x differ by float rounding alone.
-    assert (ours(world, None, unet=merged) - ours(world, None, unet=lora)).abs().max() <= TOL
+    # W x + (alpha / r) B (A x) and (W + (alpha / r) B A) x differ by float rounding alone, which CFG 5 and four
+    # steps amplify: measured 1e-6 to 3e-5 from run to run on this CPU (vectorised kernels round by alignment).
+    assert (ours(world, None, unet=merged) - ours(world, None, unet=lora)).abs().max() <= 1e-4
     opts = GenerateOptions(num_steps=STEPS, guidance_scale=GUIDANCE, switch_step=0, seed=SEED)
     paths = generate(ModelConfig(kind="tiny_world", resolution=RESOLUTION), PROMPTS[:1], tmp_path, opts=opts,
                      device="cpu", unet=str(exports["lora"]))

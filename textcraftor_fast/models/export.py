@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from . import keymap
+from .tensors import to_saveable
 from .components import SDComponents
 
 if TYPE_CHECKING:
@@ -99,24 +100,13 @@ def save_text_encoder_folder(text_encoder: CLIPTextModel, folder: Path, dtype: t
     return folder
 
 
-def _to_saveable(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    # safetensors needs contiguous CPU tensors that do not share storage: clone cuts views (e.g. the 1x1 VAE convs).
-    out = {}
-    for key, value in state_dict.items():
-        value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        out[key] = value.contiguous().clone()
-    return out
-
-
 def _save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
     from safetensors.torch import save_file
 
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"output '{path}' must end in .safetensors for the single-file layout")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_to_saveable(state_dict, dtype), str(path), metadata={"format": "pt"})
+    save_file(to_saveable(state_dict, dtype), str(path), metadata={"format": "pt"})
     return path
 
 

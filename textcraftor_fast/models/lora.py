@@ -79,10 +79,10 @@ def save_lora(unet: nn.Module, folder: str | Path, dtype: torch.dtype | None = N
     metadata; `dtype` casts the written tensors. Loads with `StableDiffusionPipeline.load_lora_weights(folder)`."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from .export import _to_saveable
+    from .tensors import to_saveable
 
     folder = Path(folder)
-    state = _to_saveable(lora_state_dict(unet), dtype)
+    state = to_saveable(lora_state_dict(unet), dtype)
     StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
                                                      unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
     logger.info("Saved the UNet LoRA (%d tensors) to %s", len(state), folder)
