@@ -186,3 +186,19 @@ def test_without_peft_the_encoder_stage_trains_and_lora_names_the_extra(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"encoder stage: {tmp_path / 'encoder' / 'text_encoder'}" in proc.stdout
     assert "unet stage: unet.method='lora' needs the peft package: pip install 'textcraftor-fast[unet]'" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_evaluation_during_training_compares_against_the_base_unet(tmp_path, method):
+    trainer = Trainer(cfg_for(tmp_path, f"unet.method={method}", "train.eval_every=1", 'data.eval_path="builtin:parti"',
+                              "data.eval_max_prompts=2"))
+    try:
+        before, _ = trainer.evaluator(*trainer.stage.evaluated())  # no update yet: the base UNet itself
+        trainer.train_step()
+        after, grid = trainer.evaluator(*trainer.stage.evaluated())
+        base_again, _ = trainer.evaluator(None, trainer.stage.base_unet)  # what the differences are taken against
+    finally:
+        trainer.close()
+    assert all(v == 0.0 for k, v in before.items() if k.endswith("_diff"))
+    assert after["eval/reward_diff"] != 0.0 and not torch.equal(grid[:2], grid[2:])
+    assert all(v == 0.0 for k, v in base_again.items() if k.endswith("_diff"))

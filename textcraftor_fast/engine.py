@@ -168,9 +168,10 @@ class Trainer:
             # eta 0 whatever training uses: an evaluation must be deterministic to be compared across steps.
             eval_schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, 0.0,
                                           cfg.sampler.timestep_spacing)
-            self.evaluator = TrainingEvaluator(cfg, self.stage.base_unet, self.vae, self.tokenizer, self.original_encoder,
-                                               eval_schedule, (self.latent_channels, self.latent_size,
-                                                               self.latent_size), self.rewards)
+            self.evaluator = TrainingEvaluator(cfg, self.stage.base_unet, self.vae, self.tokenizer,
+                                               self.original_encoder, eval_schedule,
+                                               (self.latent_channels, self.latent_size, self.latent_size),
+                                               self.rewards)
 
         prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts, cfg.data.on_bad_line)
         _warn_long_prompts(self.tokenizer, prompts)
