@@ -1,20 +1,25 @@
 """Reward step cost: frozen towers + cached prompt embeddings (ours) vs the official code's way.
 
-The official TextCraftor code keeps the reward towers' requires_grad=True (weight gradients computed, then
-thrown away) and re-runs each tower's text side, with a graph, every step. Ours: requires_grad False
-(input gradients only) and each prompt's text embedding computed once, no grad, then cached.
+The official TextCraftor code (baseline_official.py) keeps the reward towers' requires_grad=True (weight
+gradients computed and kept) and re-encodes the prompt every step: under no_grad for CLIP score and PickScore
+(`official`), in grad mode inside `hps_model(image, text)` for HPSv2 (`official_hpsv2`: text-side weight
+gradients too). Ours: requires_grad False (input gradients only) and each prompt's text embedding computed once,
+no grad, then cached (`frozen_cached`; `frozen_uncached` re-encodes every step). All modes run the same reward
+code; only the tower differs (baseline_official.OfficialTower).
 A small CLIP (width 128, 4+4 layers, 77-token text, 56 px images) keeps this within a CPU budget; the
 ratio, not the absolute time, is the result. Run: `pytest benchmarks/test_bench_rewards.py`
 (`--benchmark-disable` in CI runs each body once with its asserts).
 """
 from __future__ import annotations
 
+import statistics
+import time
 import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from baseline_official import OfficialTower
 from textcraftor_fast.rewards.clip_score import ClipSimilarityReward
 from textcraftor_fast.rewards.clip_tower import ClipTower, openclip_model_from_state_dict
 from textcraftor_fast.rewards.openclip_convert import OpenClipArch, openclip_state_shapes
@@ -35,44 +40,62 @@ class _CharTokenizer:
         return types.SimpleNamespace(input_ids=ids)
 
 
-def _reward(cache_size: int = 4096) -> ClipSimilarityReward:
+def _reward(mode: str) -> ClipSimilarityReward:
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * 0.05 for k, s in openclip_state_shapes(ARCH).items()}
     model = openclip_model_from_state_dict(sd, "auto", True, "bench", vision_heads=4, text_heads=4)
-    return ClipSimilarityReward(ClipTower(model, _CharTokenizer(), cache_size=cache_size), scale=100.0)
+    tower = ClipTower(model, _CharTokenizer(), cache_size=0 if mode == "frozen_uncached" else 4096)
+    if mode.startswith("official"):
+        tower = OfficialTower(tower, keep_text_graph=mode == "official_hpsv2")
+    return ClipSimilarityReward(tower, scale=100.0)
 
 
-def _official_step(reward: ClipSimilarityReward, images: torch.Tensor) -> None:
-    tower = reward.tower
-    tower.model.requires_grad_(True)  # as the official code leaves PickScore / HPSv2 / ViT-g
-    pixels = F.adaptive_avg_pool2d(images, ARCH.image_size)
-    img = tower.image_features(pixels)
-    ids = tower.tokenizer(PROMPTS, "max_length", 77, True, "pt").input_ids
-    tower.text_forward_calls += 1
-    txt = F.normalize(tower.model.text_projection(tower.model.text_model(input_ids=ids).pooler_output), dim=-1)
-    (-(100 * (img * txt).sum(-1)).sum()).backward()
-    tower.model.zero_grad(set_to_none=True)
+MODES = ("official", "official_hpsv2", "frozen_uncached", "frozen_cached")
 
 
-def _our_step(reward: ClipSimilarityReward, images: torch.Tensor) -> None:
+def _run(reward: ClipSimilarityReward) -> None:
+    images = torch.rand(4, 3, 112, 112, requires_grad=True)
     (-reward(images, PROMPTS).sum()).backward()
+    assert images.grad is not None
 
 
-@pytest.mark.parametrize("mode", ["official", "frozen_uncached", "frozen_cached"])
+@pytest.mark.parametrize("mode", MODES)
 def test_bench_reward_step(benchmark, mode):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    reward = _reward(cache_size=0 if mode == "frozen_uncached" else 4096)
-    step = _official_step if mode == "official" else _our_step
-
-    def run():
-        images = torch.rand(4, 3, 112, 112, requires_grad=True)
-        step(reward, images)
-        assert images.grad is not None
-
-    benchmark.pedantic(run, rounds=8, iterations=1, warmup_rounds=1)
+    reward = _reward(mode)
+    benchmark.pedantic(_run, args=(reward,), rounds=8, iterations=1, warmup_rounds=1)
     calls = reward.tower.text_forward_calls
     benchmark.extra_info.update(mode=mode, text_tower_calls=calls, device="cpu (1 thread)")
     rounds = 1 + (8 if benchmark.enabled else 0)  # pedantic runs warmup + rounds when enabled, once when disabled
     assert calls == (1 if mode == "frozen_cached" else rounds)
-    assert all(p.grad is None for p in reward.parameters())
+    model = reward.tower.model
+    vision = [p.grad for n, p in model.named_parameters() if n.startswith(("vision_model", "visual_projection"))]
+    text = [p.grad for n, p in model.named_parameters() if n.startswith(("text_model", "text_projection"))]
+    if mode.startswith("frozen"):
+        assert all(p.grad is None for p in reward.parameters())
+    else:  # the official waste: image-side weight gradients, and HPSv2's text side too
+        assert all(g is not None for g in vision)
+        assert all((g is not None) == (mode == "official_hpsv2") for g in text)
+
+
+def test_reward_step_ratios(benchmark):
+    """Every mode once per round, interleaved, so the ratios see the same machine load (medians, one run)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rewards = {mode: _reward(mode) for mode in MODES}
+    rounds = 1 if benchmark.disabled else 15
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for i in range(rounds + 1):
+        for mode, reward in rewards.items():
+            t0 = time.perf_counter()
+            _run(reward)
+            if i:  # round 0 warms up (and fills the cache)
+                times[mode].append(time.perf_counter() - t0)
+    med = {mode: statistics.median(t) for mode, t in times.items()}
+    ratios = {mode: med[mode] / med["frozen_cached"] for mode in MODES}
+    benchmark.extra_info.update(median_ms={m: 1e3 * v for m, v in med.items()}, ratio_to_frozen_cached=ratios,
+                                times_ms={m: [1e3 * v for v in t] for m, t in times.items()})
+    print("\nreward step, median of %d interleaved rounds (ms): " % rounds +
+          ", ".join(f"{m} {1e3 * med[m]:.1f} (x{ratios[m]:.2f})" for m in MODES))
+    benchmark.pedantic(_run, args=(rewards["frozen_cached"],), rounds=1, iterations=1)

@@ -1,11 +1,11 @@
-"""One TextCraftor training step: ours vs the official code's recipe, on tiny random SD-architecture models.
+"""One TextCraftor training step: ours vs the official recipe (baseline_official.py), on tiny random SD-architecture
+models with two small random CLIP reward towers (CLIP score and HPSv2), so the towers' official waste is measured.
 
-The official train_textcraftor.py leaves requires_grad=True on the frozen UNet (its weight gradients are
-computed and thrown away) and does not checkpoint the VAE decode. Both variants run here on the same
-machine in one process, interleaved, so the ratio is meaningful on a noisy 2-core box. Time is reported
-(never gated); bytes saved for backward are deterministic and asserted.
+Both trainers run in one process on the same models, rewards and prompts, interleaved, so the ratio is meaningful
+on a noisy 2-core box. Time is reported, never gated; bytes saved for backward and the official step's weight
+gradients (which saved bytes cannot see) are deterministic and asserted.
 
-  pytest benchmarks/test_bench_step.py --benchmark-only          # timings
+  pytest benchmarks/test_bench_step.py --benchmark-only -s       # timings
   pytest benchmarks/test_bench_step.py --benchmark-disable       # CI: runs once, checks memory
 """
 import os
@@ -15,28 +15,28 @@ import time
 import pytest
 import torch
 
+from baseline_official import official_trainer, weight_grads
+from random_towers import write_random_clip
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.memory import saved_tensor_bytes
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+CONFIG = "configs/tiny_random.toml"
 OVERRIDES = ["sampler.num_steps=10", "sampler.grad_steps=5", "train.batch_size=2", "train.progress_bar=false",
-             "data.max_prompts=16"]
+             "data.max_prompts=16", "output.overwrite=true"]
+PROMPTS = ["a red circle", "a blue square"]
 
 
-def _trainer(tmp_path, official: bool) -> Trainer:
-    cfg = load_config("configs/tiny_random.toml", OVERRIDES + [f'output.dir="{tmp_path}"',
-                                                               f"sampler.checkpoint_vae={'false' if official else 'true'}"])
-    trainer = Trainer(cfg)
-    if official:
-        trainer.unet.requires_grad_(True)  # the official code's waste: UNet weight grads computed, then discarded
-    return trainer
+def _rewards(folder) -> str:
+    clip, hps = write_random_clip(folder / "clip", seed=0), write_random_clip(folder / "hps", seed=1)
+    return f'rewards=[{{name="clip_score", weight=0.05, path="{clip}"}}, {{name="hpsv2", weight=5.0, path="{hps}"}}]'
 
 
 def _saved_bytes(trainer: Trainer) -> int:
     """Bytes the step's graph keeps for backward (forward only: recomputation during backward is transient)."""
-    nbytes, (loss, _) = saved_tensor_bytes(lambda: trainer.forward(["a red circle", "a blue square"], 5))
+    nbytes, (loss, _) = saved_tensor_bytes(lambda: trainer.forward(PROMPTS, 5))
     loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     return nbytes
@@ -44,30 +44,42 @@ def _saved_bytes(trainer: Trainer) -> int:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return _trainer(tmp_path_factory.mktemp("ours"), False), _trainer(tmp_path_factory.mktemp("official"), True)
+    common = OVERRIDES + [_rewards(tmp_path_factory.mktemp("towers"))]
+    ours = Trainer(load_config(CONFIG, common + [f'output.dir="{tmp_path_factory.mktemp("ours")}"']))
+    official = official_trainer(CONFIG, common + [f'output.dir="{tmp_path_factory.mktemp("official")}"'])
+    return ours, official
 
 
 def test_step_memory_vs_official(pair, benchmark):
     ours, official = pair
     b_ours, b_official = _saved_bytes(ours), _saved_bytes(official)
+    grads = weight_grads(official)
+    held = {name: stats[2] for name, stats in grads.items() if stats[0]}
     benchmark.extra_info.update(saved_bytes_ours=b_ours, saved_bytes_official=b_official,
-                                saved_ratio=b_official / b_ours)
-    assert b_ours < b_official  # checkpointed VAE decode keeps less for backward
+                                saved_ratio=b_official / b_ours, official_weight_grad_bytes=held)
+    print(f"\nsaved for backward: ours {b_ours / 2**20:.2f} MiB, official {b_official / 2**20:.2f} MiB "
+          f"(x{b_official / b_ours:.2f}); official .grad held: " +
+          ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
+    assert b_ours < b_official  # checkpointed VAE decode, frozen towers keep less for backward
+    assert set(held) == {"unet", "clip_score", "hpsv2"}  # weight gradients of the UNet and both towers, not the VAE
+    assert all(stats == (0, 0, 0) for stats in weight_grads(ours).values())
     benchmark.pedantic(ours.train_step, rounds=1, iterations=1)
 
 
 def test_step_time_vs_official(pair, benchmark):
     ours, official = pair
     times = {"ours": [], "official": []}
-    rounds = 1 if benchmark.disabled else 5
+    rounds = 1 if benchmark.disabled else 7
     for _ in range(rounds):  # interleaved so both see the same machine load
         for name, trainer in (("ours", ours), ("official", official)):
             t0 = time.perf_counter()
             trainer.train_step()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: (min(v), max(v)) for k, v in times.items()}
     benchmark.extra_info.update(median_s_ours=med["ours"], median_s_official=med["official"],
-                                speedup=med["official"] / med["ours"])
-    print(f"\nstep time median: ours {med['ours']:.3f}s, official-style {med['official']:.3f}s, "
-          f"speed-up x{med['official'] / med['ours']:.2f}")
-    benchmark.pedantic(ours.train_step, rounds=rounds, iterations=1)
+                                speedup=med["official"] / med["ours"], times_s=times)
+    lo_hi = {k: f"[{v[0]:.3f}, {v[1]:.3f}]" for k, v in spread.items()}
+    print(f"\nstep time median of {rounds}: ours {med['ours']:.3f}s {lo_hi['ours']}, official "
+          f"{med['official']:.3f}s {lo_hi['official']}, speed-up x{med['official'] / med['ours']:.2f}")
+    benchmark.pedantic(ours.train_step, rounds=1, iterations=1)

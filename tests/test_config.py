@@ -100,3 +100,19 @@ def test_unet_stage_settings_default_to_diffusers_lora_and_name_bad_values():
         with pytest.raises(ConfigError, match=pattern):
             load_config(None, TINY + [override])
     assert load_config(None, TINY + ["train.stage=unet"]) == config_from_dict(tomllib.loads(to_toml(cfg)))
+    with pytest.raises(ConfigError, match=r"'train\.stage': expected 'text_encoder' with distributed\.backend='deepspeed'"):
+        load_config(None, TINY + ["train.stage=unet", "distributed.backend=deepspeed"])
+
+
+def test_checkpoint_choices_name_the_key_and_the_valid_ones():
+    cfg = load_config(None, TINY + ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto",
+                                    "train.memory_budget_gb=6"])
+    assert (cfg.sampler.checkpoint, cfg.sampler.checkpoint_vae, cfg.train.memory_budget_gb) == ("auto", "auto", 6.0)
+    assert load_config(None, TINY + ["sampler.checkpoint_vae=blocks"]).sampler.checkpoint_vae == "blocks"
+    assert load_config(None, TINY + ["sampler.checkpoint_vae=false"]).sampler.checkpoint_vae is False
+    with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_vae': expected bool or one of 'blocks', 'auto'"):
+        load_config(None, TINY + ["sampler.checkpoint_vae=sometimes"])
+    with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_vae'.*'auto' needs sampler\.checkpoint='auto'"):
+        load_config(None, TINY + ["sampler.checkpoint_vae=auto"])
+    with pytest.raises(ConfigError, match=r"'train\.memory_budget_gb': expected a float > 0"):
+        load_config(None, TINY + ["train.memory_budget_gb=0"])

@@ -7,6 +7,7 @@ import torch
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.inference import mix_embeddings
+from textcraftor_fast.sampler import Embeddings
 
 FAST = ["sampler.num_steps=3", "sampler.grad_steps=2", "train.batch_size=1", "train.progress_bar=false",
         "data.max_prompts=8", "output.overwrite=true"]
@@ -36,13 +37,13 @@ def test_train_uncond_false_sends_no_gradient_through_the_unconditional_branch(t
     # Reference: the same forward with the trainable encoder's own uncond embedding, detached by hand
     # (at step 0 the trainable and original encoders are equal, so only the gradient path differs).
     ref = _trainer(tmp_path / "r", "sampler.train_uncond=true")
-    encode = ref._encode
+    embeddings = ref._trainable_embeddings
 
-    def detached_uncond(encoder, ids):
-        out = encode(encoder, ids)
-        return out.detach() if ids.shape[0] == 1 and torch.equal(ids, ref.uncond_ids) else out
+    def detached_uncond(ids):
+        both = embeddings(ids)  # cond and uncond from one encoder call
+        return Embeddings(both.cond, both.uncond.detach())
 
-    ref._encode = detached_uncond
+    ref._trainable_embeddings = detached_uncond
     g_ref = _grads(ref)
     assert _close(g_frozen, g_ref)
     assert not _close(g_frozen, g_trained)  # the uncond branch does carry gradient when trained
@@ -122,3 +123,28 @@ def test_style_mixing_with_a_non_zero_base(weights):
         torch.testing.assert_close(got, tuned[0])
     if weights == [0.25]:
         torch.testing.assert_close(got, 0.75 * base + 0.25 * tuned[0])
+
+
+def _two_call_embeddings(trainer: Trainer):
+    """The engine before the one-call change: cond and uncond from two separate encoder calls."""
+    def embeddings(ids):
+        cond = trainer._encode(trainer.text_encoder, ids)
+        return Embeddings(cond, trainer._encode(trainer.text_encoder, trainer.uncond_ids))
+    return embeddings
+
+
+def test_the_trainable_encoder_runs_once_per_micro_batch_with_unchanged_results(tmp_path):
+    # One call per micro-batch is what DeepSpeed ZeRO-2 (and DDP) allow; the collapse monitor's call runs
+    # under no_grad outside the step. Two optimizer steps of two micro-batches each.
+    extra = ("train.gradient_accumulation_steps=2", "train.batch_size=2")
+    fused, split = _trainer(tmp_path / "one", *extra), _trainer(tmp_path / "two", *extra)
+    split._trainable_embeddings = _two_call_embeddings(split)
+    calls = []
+    fused.text_encoder.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    for _ in range(2):
+        fused.train_step(), split.train_step()
+    assert calls == [True] * 4  # 2 steps x 2 micro-batches, each one call with a graph
+    for (name, a), b in zip(fused.text_encoder.named_parameters(), split.text_encoder.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # batching changes only float rounding
+    assert any(not torch.equal(a, b) for a, b in zip(fused.text_encoder.parameters(),
+                                                      fused.original_encoder.parameters()))  # it did train

@@ -8,7 +8,7 @@ from textcraftor_fast.config import SamplerConfig
 from textcraftor_fast.memory import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.rewards.simple import ColorfulnessReward
-from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_latents
+from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_latents, vae_decoder_stages
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
@@ -77,7 +77,7 @@ def _encoder_grad(tiny, cfg, k):
     return grads
 
 
-@pytest.mark.parametrize("policy,ckpt_vae", [("step", True), ("every_n", False), ("step", False)])
+@pytest.mark.parametrize("policy,ckpt_vae", [("step", True), ("every_n", False), ("step", False), ("step", "blocks")])
 def test_checkpointed_and_plain_give_the_same_encoder_gradient(tiny, policy, ckpt_vae):
     base = SamplerConfig(num_steps=6, grad_steps=4, checkpoint="none", checkpoint_vae=False)
     plain = _encoder_grad(tiny, base, 4)
@@ -118,3 +118,47 @@ def test_saved_bytes_are_flat_in_k_with_checkpointing_and_linear_without(tiny):
     assert per_step > 0.5 * (ck[1])  # one UNet call's activations are a big share of a step
     # linear: 8 steps keep about 7 more steps' worth than 1 step does
     assert abs((plain[8] - plain[1]) - 7 * per_step) < 0.1 * 7 * per_step, plain
+
+
+def test_decoder_stages_are_the_decode_bit_for_bit(tiny):
+    vae = tiny.vae
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = z
+        for stage in vae_decoder_stages(vae):
+            x = stage(x)
+        assert torch.equal(x, vae.decode(z).sample)
+
+
+def test_per_stage_vae_checkpointing_same_gradient_fewer_bytes(tiny):
+    vae = tiny.vae
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    grad_out = torch.randn(2, 3, 32, 32, generator=g)  # random grad_output, not .sum()
+    runs = {}
+    for mode in (False, True, "blocks"):
+        lat = latents.clone().requires_grad_()
+        nbytes, image = saved_tensor_bytes(lambda: decode_latents(vae, lat, mode))
+        image.backward(grad_out)
+        runs[mode] = (nbytes, image.detach(), lat.grad)
+    plain_bytes, plain_image, plain_grad = runs[False]
+    for mode in (True, "blocks"):
+        nbytes, image, grad = runs[mode]
+        assert torch.equal(image, plain_image)
+        torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
+    # Exact: per stage, only its input is kept; then the clamp's input (the image). Plain keeps 10x that here.
+    z = latents / vae.config.scaling_factor
+    inputs, x = 0, z
+    with torch.no_grad():
+        for stage in vae_decoder_stages(vae):
+            inputs += x.numel() * x.element_size()
+            x = stage(x)
+    image_bytes = plain_image.numel() * plain_image.element_size()
+    assert runs["blocks"][0] == inputs + image_bytes
+    assert runs[True][0] == z.numel() * z.element_size() + image_bytes
+    assert runs["blocks"][0] * 10 < plain_bytes
+
+
+def test_stages_need_a_diffusers_decoder():
+    with pytest.raises(ValueError, match=r"checkpoint_vae='blocks' needs .*Linear lacks .*checkpoint_vae=true"):
+        vae_decoder_stages(torch.nn.Linear(2, 2))

@@ -3,7 +3,8 @@
 A checkpoint is a folder `checkpoints/step-000123/` holding
   text_encoder/        the tuned encoder (diffusers layout: config.json + model.safetensors), drop-in
                        (train.stage = 'unet': unet_lora/ or unet/ instead, see stages.py)
-  optimizer.pt         optimizer state (tensors and numbers only: loaded with weights_only=True)
+  optimizer.pt         optimizer state in torch's per-parameter format whatever the rank count (DeepSpeed's
+                       ZeRO shards are gathered first), tensors and numbers only: loaded with weights_only=True
   rng.safetensors      torch CPU/CUDA RNG and the sampler generator's state
   rng.json             Python's random state
   state.json           step, data cursor, metrics offset, grad-scaler state
@@ -24,7 +25,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -197,9 +198,10 @@ def _load_rng(folder: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module | Weights,
-                    optimizer: torch.optim.Optimizer, rng: dict[str, Any], state: dict[str, Any],
-                    config_toml: str, keep: int | None) -> Path:
-    """Write checkpoint `step`; `model` is the text encoder (a module) or a stage's `Weights`."""
+                    optimizer: torch.optim.Optimizer | Mapping[str, Any], rng: dict[str, Any],
+                    state: dict[str, Any], config_toml: str, keep: int | None) -> Path:
+    """Write checkpoint `step`; `model` is the text encoder (a module) or a stage's `Weights`; `optimizer` is an
+    optimizer or its state dict (DeepSpeed's, gathered from the shards)."""
     weights = _weights(model)
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module | 
     tmp.mkdir()
     try:
         weights.save(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict(), tmp / "optimizer.pt")
         _save_rng(tmp, rng)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         (tmp / "config.toml").write_text(config_toml)
@@ -249,10 +251,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module | Weights, optimizer: tor
                               "needs all of them")
     weights.load(path)
     if optimizer is not None:
-        try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' is not a plain optimizer state "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to load it") from None
+        saved = load_optimizer_state(path)
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' does not match the optimizer "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     state = json.loads((path / "state.json").read_text())
     return state, _load_rng(path)
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The optimizer state dict of a checkpoint (torch's per-parameter format, any rank count)."""
+    try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused
+        return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path / 'optimizer.pt'}' is not a plain optimizer state "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to load it") from None

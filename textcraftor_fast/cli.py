@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textcraftor-fast", description=(
         "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is
+    # what we read, so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate,export,demo}")
 
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) and/or UNet(s) against the original: "
-                                        "table with 95% intervals, picture grid, interpolation and switch-step curves")
+                                        "table with 95%% intervals, picture grid, interpolation and switch-step curves")
     common(v)
     v.add_argument("--text-encoder", action=_Entry, const="text_encoder", dest="entries", metavar="PATH",
                    help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "

@@ -66,12 +66,18 @@ class SamplerConfig:
     """Step index from which the trainable encoder's embeddings are used; None means num_steps - K."""
     draft_lv_samples: int = 0
     """DRaFT-LV: >0 re-noises the final sample this many times and backpropagates through one step each."""
-    checkpoint: Literal["none", "step", "every_n"] = "step"
-    """Gradient checkpointing of UNet calls: none, every call ('step'), or every n-th call ('every_n')."""
+    checkpoint: Literal["none", "step", "every_n", "auto"] = "step"
+    """Gradient checkpointing of the K graph-carrying UNet calls: none, every call ('step'), every n-th call
+    ('every_n'), or 'auto': as few calls as fit `train.memory_budget_gb`, judged from one UNet call's bytes
+    saved for backward, measured at build (textcraftor_fast/memory_policy.py; no recomputation when it all fits)."""
     checkpoint_every: int = 2
     """n for checkpoint='every_n'."""
-    checkpoint_vae: bool = True
-    """Checkpoint the VAE decode too (the official code does not; it is the largest activation)."""
+    checkpoint_vae: bool | Literal["blocks", "auto"] = True
+    """Checkpoint the VAE decode (the official code does not; its full-resolution activations are the largest
+    single cost): true = the whole decode as one piece (backward recomputes the whole decoder graph at once);
+    'blocks' = each decoder stage (mid block, every up block, output head) separately, so backward holds one
+    stage's graph at a time; false = plain; 'auto' (only with checkpoint='auto') = plain, or 'blocks' when the
+    memory budget needs it after every UNet call is checkpointed."""
     train_uncond: bool = True
     """The unconditional embedding comes from the trainable encoder (paper); False keeps it frozen."""
 
@@ -87,6 +93,9 @@ class SamplerConfig:
         _check(0.0 <= self.eta <= 1.0, f"{prefix}.eta", "a float in [0, 1]", self.eta)
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "an integer >= 1", self.checkpoint_every)
         _check(self.draft_lv_samples >= 0, f"{prefix}.draft_lv_samples", "an integer >= 0", self.draft_lv_samples)
+        _check(self.checkpoint_vae != "auto" or self.checkpoint == "auto", f"{prefix}.checkpoint_vae",
+               f"true, false or 'blocks' when {prefix}.checkpoint={self.checkpoint!r} ('auto' needs "
+               f"{prefix}.checkpoint='auto')", self.checkpoint_vae)
         if self.switch_step is not None:
             _check(0 <= self.switch_step <= self.num_steps - self.grad_steps, f"{prefix}.switch_step",
                    f"an integer in [0, num_steps - grad_steps = {self.num_steps - self.grad_steps}] or unset",
@@ -244,6 +253,10 @@ class LoopConfig:
     """Weight of mean((e_tuned - e_original)^2) over the batch's conditional embeddings, added to the loss:
     keeps the tuned encoder near the original, which the paper's interpolation shows is a safe anchor.
     0 (the paper) turns it off."""
+    memory_budget_gb: float | None = None
+    """GiB a training step may use on top of the loaded models (activations kept for backward, one recompute,
+    encoder gradients, optimizer state), for sampler.checkpoint='auto'. Unset: on CUDA the device's free
+    memory after loading minus 10% of its total; on CPU unlimited (no recomputation)."""
 
     def validate(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps"):
@@ -251,16 +264,32 @@ class LoopConfig:
             _check(value >= 1, f"{prefix}.{key}", "an integer >= 1", value)
         _check(self.embedding_anchor >= 0, f"{prefix}.embedding_anchor", "a float >= 0", self.embedding_anchor)
         _check(self.eval_every >= 0, f"{prefix}.eval_every", "an integer >= 0 (0: no evaluation)", self.eval_every)
+        _check(self.memory_budget_gb is None or self.memory_budget_gb > 0, f"{prefix}.memory_budget_gb",
+               "a float > 0 (GiB) or unset", self.memory_budget_gb)
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                f"{prefix}.checkpoints_total_limit", "an integer >= 1 or unset", self.checkpoints_total_limit)
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    backend: Literal["auto", "none", "ddp"] = "auto"
-    """'auto' averages gradients over ranks when launched by torchrun (WORLD_SIZE > 1), else one process."""
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    """'auto' and 'ddp' average gradients over ranks when launched by torchrun (WORLD_SIZE > 1), else one
+    process; 'none' always runs one process; 'deepspeed' wraps the text encoder and its optimizer in a
+    DeepSpeed engine (ZeRO stage `zero_stage`; launched by `deepspeed` or torchrun; docs/distributed.md)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (backend='deepspeed' only): 0 replicates the optimizer state, 1 shards it over
+    ranks, 2 shards it and the gradients; 3 (sharded weights) is refused at start-up (docs/distributed.md)."""
     timeout_s: int = 1800
     """Collective/barrier timeout: a hung rank fails loudly instead of blocking forever."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.timeout_s >= 1, f"{prefix}.timeout_s", "an integer >= 1 (seconds)", self.timeout_s)
+        # Why not ZeRO-3: it shards the encoder's weights, but the collapse monitor, the evaluator and every
+        # save read the full weights on rank 0 outside the engine; the encoder (123M parameters, 0.5 GB in
+        # fp32) fits on any GPU, and ZeRO-2 already shards the 1 GB of AdamW state and the gradients.
+        _check(self.zero_stage != 3, f"{prefix}.zero_stage", "0, 1 or 2 (ZeRO-3 shards the text encoder's "
+               "weights, which the collapse monitor, evaluation and checkpoint export read whole on rank 0; "
+               "ZeRO-2 already shards its optimizer state and gradients)", self.zero_stage)
 
 
 @dataclass(frozen=True)
@@ -312,10 +341,24 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train", "unet"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
+        if self.distributed.backend == "deepspeed":
+            # DeepSpeed's fp16 mode keeps fp16 weights and its own loss scaler; we keep fp32 master weights.
+            _check(self.train.mixed_precision != "fp16", "train.mixed_precision",
+                   "'no' or 'bf16' with distributed.backend='deepspeed'", self.train.mixed_precision)
+            # ZeRO-1/2 hand the optimizer one flat partition per rank: 8-bit state is quantised per block of
+            # that partition and cannot be gathered into a checkpoint that resumes on another rank count.
+            _check(self.optim.name == "adamw" or self.distributed.zero_stage == 0, "optim.name",
+                   "'adamw' with distributed.zero_stage 1 or 2 (8-bit state quantised per ZeRO partition cannot "
+                   "be resharded; use distributed.zero_stage=0, where 8-bit state is already ~4x smaller)",
+                   self.optim.name)
+            # DeepSpeedEncoder wraps the text encoder; a UNet (LoRA or full) under ZeRO is not built yet.
+            _check(self.train.stage == "text_encoder", "train.stage",
+                   "'text_encoder' with distributed.backend='deepspeed' (train the UNet stage with "
+                   "distributed.backend='ddp')", self.train.stage)
         _check(self.train.eval_every == 0 or bool(self.data.eval_path), "data.eval_path",
                "a prompt file or built-in set when train.eval_every > 0 (e.g. 'builtin:parti')", self.data.eval_path)
     def to_dict(self) -> dict[str, Any]:

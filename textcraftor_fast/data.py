@@ -171,11 +171,21 @@ class PromptStream:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "num_prompts": len(self.prompts)}
+        # rank 0's cursor times world_size is the number of prompts all ranks took from this epoch's order,
+        # which is what another rank count resumes from.
+        return {"epoch": self.epoch, "position": self.position, "num_prompts": len(self.prompts),
+                "world_size": self.world_size, "global_position": self.position * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_prompts", len(self.prompts)) != len(self.prompts):
             logger.warning("Resuming with %d prompts but the checkpoint saw %d: the data order will differ",
                            len(self.prompts), state["num_prompts"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            taken = int(state["global_position"])
+            if taken % self.world_size:
+                raise ValueError(f"the checkpoint's data cursor ({taken} prompts of epoch {self.epoch} taken by "
+                                 f"{state['world_size']} ranks) cannot be split over {self.world_size} ranks; "
+                                 "resume on a rank count that divides it")
+            self.position = taken // self.world_size
         self._order = self._epoch_order(self.epoch)

@@ -1,8 +1,9 @@
-"""torchrun integration: rank discovery, process group with a timeout, gradient averaging, rank-0 I/O.
+"""torchrun/DeepSpeed integration: rank discovery, process group with a timeout, gradient averaging, rank-0 I/O.
 
 Gradients are averaged by hand (one all-reduce per step over a flat buffer) rather than by wrapping the
 encoder in DDP: TextCraftor calls the encoder several times per step (cond, uncond, collapse probe),
-which DDP's one-forward-one-backward contract does not allow without extra flags.
+which DDP's one-forward-one-backward contract does not allow without extra flags. Under
+distributed.backend='deepspeed' the DeepSpeed engine averages instead (deepspeed_backend.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ class DistInfo:
 
 def init_distributed(cfg: DistributedConfig, device_type: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.backend == "deepspeed":  # DeepSpeed needs a process group even on one rank
+        from .deepspeed_backend import init_process_group
+
+        if not dist.is_initialized():
+            init_process_group(cfg, device_type, world)
+        return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
     if cfg.backend == "none" or world == 1:
         return DistInfo()
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)

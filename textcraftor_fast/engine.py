@@ -30,7 +30,9 @@ from torch import Tensor
 from . import checkpointing
 from .config import TrainConfig, to_toml
 from .data import PromptStream, load_prompts
+from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
+from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
@@ -180,12 +182,19 @@ class Trainer:
                                    self.dist.rank, self.dist.world_size)
         self.params = [p for p in self.stage.trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.stage.trainable, cfg.optim, self.device)
+        # [deepspeed] distributed.backend='deepspeed': DeepSpeed averages, clips and steps the encoder (the
+        # text-encoder stage only: config validation refuses the UNet stage on it).
+        self.ds = (DeepSpeedEncoder(self.stage.trainable, self.optimizer, cfg, self.dist.world_size)
+                   if cfg.distributed.backend == "deepspeed" else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.mixed_precision == "fp16")
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919 + self.dist.rank)
-        self.py_random = random.Random(cfg.seed + self.dist.rank)
+        # The same generators on every rank: each rank draws the noise of the whole global batch and keeps
+        # its own rows (forward), and K is the same everywhere, so results do not depend on the rank count.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919)
+        self.py_random = random.Random(cfg.seed)
         self.uncond_ids = self._tokenize([""])
         with torch.no_grad():
             self.frozen_uncond = self._encode(self.original_encoder, self.uncond_ids)
+        self.memory_plan = self._memory_plan()
         self._log_summary(len(prompts))
 
     def _log_summary(self, num_prompts: int) -> None:
@@ -204,6 +213,15 @@ class Trainer:
                     " (random)" if cfg.sampler.random_grad_steps else "", cfg.sampler.effective_switch_step,
                     cfg.sampler.checkpoint)
         logger.info("  Device = %s, mixed precision = %s", self.device, cfg.train.mixed_precision)
+
+    def _memory_plan(self) -> MemoryPlan:
+        """Which UNet calls / VAE stages to checkpoint: as configured, or fitted to the budget ('auto')."""
+        cfg, b = self.cfg, self.cfg.train.batch_size
+        probe = StepProbe(self.text_encoder, self._tokenize([""] * (b + 1)), self.unet, self.vae, self.rewards,
+                          self.schedule, cfg.sampler, (b, self.latent_channels, self.latent_size, self.latent_size),
+                          self._autocast, self.fused_step)
+        return apply_memory_policy(cfg.sampler, cfg.train.memory_budget_gb, self.device, probe,
+                                   training_state_bytes(self.params, cfg.optim.name))
 
     # ------------------------------------------------------------------------------------------- step parts
     def _tokenize(self, prompts: list[str]) -> Tensor:
@@ -233,19 +251,21 @@ class Trainer:
         with torch.no_grad():
             frozen = Embeddings(self._encode(self.original_encoder, ids), self.frozen_uncond)
         with self._autocast():
-            cond = self._encode(self.text_encoder, ids)
-            uncond = self._encode(self.text_encoder, self.uncond_ids) if s.train_uncond else self.frozen_uncond
-            trainable = Embeddings(cond, uncond)
-            shape = (len(prompts), self.latent_channels, self.latent_size, self.latent_size)
-            x_T = torch.randn(shape, generator=self.generator, device=self.device)  # (B, 4, h, w)
-            noise_fn = lambda x: torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+            trainable = self._trainable_embeddings(ids)
+            cond = trainable.cond
+            x_T = self._rank_rows(lambda n: torch.randn((n, self.latent_channels, self.latent_size,
+                                                         self.latent_size), generator=self.generator,
+                                                        device=self.device), len(prompts))  # (B, 4, h, w)
+            noise_fn = lambda x: self._rank_rows(lambda n: torch.randn(
+                (n, *x.shape[1:]), generator=self.generator, device=x.device, dtype=x.dtype), x.shape[0])
+            plain_calls = self.memory_plan.plain_unet_calls
             latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn,
-                                     self.fused_step)
+                                     self.fused_step, plain_calls)
             if s.draft_lv_samples > 0:
                 latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator,
-                                           self.fused_step)
+                                           self.fused_step, plain_calls)
                 prompts = prompts * s.draft_lv_samples
-            images = decode_latents(self.vae, latents.to(self.vae.dtype), s.checkpoint_vae)  # (B, 3, H, W)
+            images = decode_latents(self.vae, latents.to(self.vae.dtype), self.memory_plan.vae)  # (B, 3, H, W)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}
@@ -256,8 +276,27 @@ class Trainer:
         return loss, {"loss": float(loss.detach()), "reward": float(total.detach().mean()),
                       **self.rewards.metrics(total, parts), **extra}
 
+    def _trainable_embeddings(self, ids: Tensor) -> Embeddings:
+        """cond (and uncond when trained) from ONE call of the trainable encoder: DeepSpeed's ZeRO-2 hooks,
+        like DDP's, expect one forward and one backward per micro-batch (diffusers#3342)."""
+        encode = self.ds.forward if self.ds is not None else lambda x: self._encode(self.text_encoder, x)
+        if not self.cfg.sampler.train_uncond:
+            return Embeddings(encode(ids), self.frozen_uncond)
+        both = encode(torch.cat([ids, self.uncond_ids]))  # (B + 1, 77, D)
+        return Embeddings(both[: len(ids)], both[len(ids):])
+
+    def _rank_rows(self, draw, n: int) -> Tensor:
+        """Rows of this rank from `draw(n * world_size)`, the global micro-batch's draw: rank r's i-th prompt
+        is the global batch's (i * world + r)-th (PromptStream's sharding), so it gets the same noise as in a
+        one-rank run with the same global batch."""
+        world = self.dist.world_size
+        return draw(n * world)[self.dist.rank::world] if world > 1 else draw(n)
+
     def _micro_step(self, prompts: list[str], k: int, scale: float) -> dict[str, float]:
         loss, metrics = self.forward(prompts, k)
+        if self.ds is not None:  # [deepspeed] it scales by 1/accumulation itself and steps at the boundary
+            self.ds.backward_and_step(loss)
+            return metrics
         self.scaler.scale(loss * scale).backward()
         return metrics
 
@@ -267,6 +306,8 @@ class Trainer:
         t0 = time.perf_counter()
         k = self._grad_steps()
         self.optimizer.zero_grad(set_to_none=True)
+        o = self.cfg.optim
+        set_lr(self.optimizer, o.lr * lr_factor(self.step, o.warmup_steps, cfg.steps, o.lr_schedule))
         accum: dict[str, float] = {}
         self.last_prompts: list[str] = []  # named in the log when this step is skipped or spikes
         for _ in range(cfg.gradient_accumulation_steps):
@@ -275,13 +316,19 @@ class Trainer:
             m = self._micro_step(batch, k, 1.0 / cfg.gradient_accumulation_steps)
             for key, v in m.items():
                 accum[key] = accum.get(key, 0.0) + v / cfg.gradient_accumulation_steps
+        if self.ds is not None:  # [deepspeed] the engine has stepped at the last micro-batch
+            metrics = self._step_metrics(accum, k, self.ds.grad_norm, False, t0)
+            if cfg.nan_guard and not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                # The step cannot be skipped: DeepSpeed took it inside the last backward. Stop before saving.
+                raise RuntimeError(f"step {self.step + 1}: non-finite loss or gradients under DeepSpeed (loss "
+                                   f"{metrics['loss']}, grad norm {metrics['grad_norm']}); prompts: "
+                                   f"{self.last_prompts}; resume from the last checkpoint with a lower optim.lr")
+            return metrics
         average_gradients(self.params, self.dist)
         self.scaler.unscale_(self.optimizer)
         finite = math.isfinite(accum["loss"]) and grads_finite(self.params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.optim.max_grad_norm or float("inf"))) if finite else float("nan")
-        o = self.cfg.optim
-        set_lr(self.optimizer, o.lr * lr_factor(self.step, o.warmup_steps, cfg.steps, o.lr_schedule))
         skipped = cfg.nan_guard and not finite
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -289,6 +336,10 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        return self._step_metrics(accum, k, grad_norm, skipped, t0)
+
+    def _step_metrics(self, accum: dict[str, float], k: int, grad_norm: float, skipped: bool,
+                      t0: float) -> dict[str, Any]:
         metrics = {key: all_mean(v, self.dist, self.device) for key, v in accum.items()}
         metrics.update(step=self.step + 1, k=k, grad_norm=grad_norm, skipped=int(skipped),
                        lr=self.optimizer.param_groups[0]["lr"], s_per_step=time.perf_counter() - t0)
@@ -321,15 +372,21 @@ class Trainer:
 
     def save(self) -> Path:
         path = checkpointing.checkpoints_dir(self.output_dir) / f"step-{self.step:06d}"
+        # [deepspeed] gathered from the ZeRO shards on every rank (a collective) into torch's per-parameter
+        # format, the file a single process writes: it resumes on any number of ranks.
+        optimizer = self.ds.full_optimizer_state() if self.ds is not None else self.optimizer
         if self.dist.is_main:
             path = checkpointing.save_checkpoint(
-                self.output_dir, self.step, self.stage.weights, self.optimizer, self.rng_state(),
+                self.output_dir, self.step, self.stage.weights, optimizer, self.rng_state(),
                 self.state_dict(), to_toml(self.cfg), self.cfg.train.checkpoints_total_limit)
         barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> Path:
-        state, rng = checkpointing.load_checkpoint(path, self.stage.weights, self.optimizer)
+        optimizer = self.optimizer if self.ds is None else None
+        state, rng = checkpointing.load_checkpoint(path, self.stage.weights, optimizer)
+        if self.ds is not None:  # [deepspeed] scatter the whole per-parameter state into this rank's shard
+            self.ds.load_full_optimizer_state(checkpointing.load_optimizer_state(path))
         self.load_state_dict(state, rng)
         self.history = self._read_history()[: state.get("history_len", self.step)]
         logger.info("Resumed from %s at step %d", path, self.step)

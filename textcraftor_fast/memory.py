@@ -6,18 +6,23 @@ counted once (views of one tensor share it).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 
-def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run fn() and return (bytes saved for backward by the graph it built, fn's result)."""
+def saved_tensor_bytes(fn: Callable[[], Any], ignore: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Run fn() and return (bytes saved for backward by the graph it built, fn's result).
+
+    Storages of `ignore` are not counted: pass a model's parameters to count only what the graph adds (a
+    layer saves its weight for the input gradient, but the weight is resident anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in ignore}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -29,8 +29,8 @@ class TensorBoardWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ImportError("output.report_to = 'tensorboard' needs the tensorboard package: "
-                              "pip install 'textcraftor-fast[tensorboard]' (or set output.report_to = 'jsonl')") from None
+            raise ImportError("output.report_to = 'tensorboard' needs the tensorboard package: pip install "
+                              "'textcraftor-fast[tensorboard]' (or set output.report_to = 'jsonl')") from None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         logger.info("TensorBoard event files in %s (tensorboard --logdir %s)", log_dir, log_dir)
 

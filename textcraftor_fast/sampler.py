@@ -164,25 +164,36 @@ def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: i
                          switch_step=min(switch_step, num_steps - 1))
 
 
-def _should_checkpoint(policy: str, every: int, grad_index: int) -> bool:
+def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, plain_calls: int | None) -> bool:
+    """Whether graph-carrying call `grad_index` of `calls` is checkpointed. 'auto' checkpoints the earliest
+    calls and leaves the last `plain_calls` plain (the memory plan's count, textcraftor_fast/memory_policy.py):
+    backward reaches the checkpointed calls after the plain calls' graphs are freed, so a recompute never lives
+    beside them; with random K the count stays a bound on the plain calls."""
     if policy == "none":
         return False
     if policy == "step":
         return True
     if policy == "every_n":
         return grad_index % every == 0
-    raise ValueError(f"checkpoint policy must be none, step or every_n, got {policy!r}")
+    if policy == "auto":
+        if plain_calls is None:
+            raise ValueError("checkpoint='auto' needs plain_calls, the memory plan's number of UNet calls left "
+                             "uncheckpointed (Trainer builds it from train.memory_budget_gb)")
+        return grad_index < calls - plain_calls
+    raise ValueError(f"checkpoint policy must be none, step, every_n or auto, got {policy!r}")
 
 
 def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
                    trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
-                   noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False) -> Tensor:
+                   noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False,
+                   plain_calls: int | None = None) -> Tensor:
     """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
 
     Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
-    graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`). With
-    `trainable=None` the whole chain is a plain no-grad sample on `frozen` (evaluation, base model).
-    `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see `guided_ddim_step`.
+    graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`; with 'auto', all
+    but `plain_calls` of them). With `trainable=None` the whole chain is a plain no-grad sample on `frozen`
+    (evaluation, base model). `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see
+    `guided_ddim_step`.
     """
     n = len(schedule.steps)
     k = cfg.grad_steps if grad_steps is None else grad_steps
@@ -201,35 +212,78 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
                                      schedule.prediction_type, noise, fused=fused_step)
             continue
         x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
-                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k)),
-                             fused_step)
+                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k), k,
+                                                       plain_calls), fused_step)
     return x
 
 
 def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
-                     cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False) -> Tensor:
+                     cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False,
+                     plain_calls: int | None = None) -> Tensor:
     """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
-    differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B)."""
+    differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B).
+    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain."""
     last = schedule.steps[-1]
     x0 = final_latents.detach()
     outs = []
-    for _ in range(cfg.draft_lv_samples):
+    n = cfg.draft_lv_samples
+    for j in range(n):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
+        ckpt = (_should_checkpoint("auto", cfg.checkpoint_every, j, n, plain_calls) if cfg.checkpoint == "auto"
+                else cfg.checkpoint != "none")
         outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
-                                     schedule.prediction_type, None, cfg.checkpoint != "none", fused_step))
+                                     schedule.prediction_type, None, ckpt, fused_step))
     return torch.cat(outs)
 
 
-def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool = True) -> Tensor:
-    """Latents -> images in [0, 1] (B, 3, H, W), differentiably; optionally checkpointed (the decoder's
-    activations at full resolution are the largest single memory cost of a step)."""
+def vae_decoder_stages(vae: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """AutoencoderKL.decode (without tiling or slicing) as its stages, in diffusers' Decoder.forward order:
+    post_quant_conv + conv_in + mid block, each up block, then the output head (norm, act, conv_out), which at
+    full resolution keeps three activations of its own. Calling them in turn IS the decode (tests check it
+    bit for bit); checkpointing each separately is `decode_latents(..., "blocks")`."""
+    dec = getattr(vae, "decoder", None)
+    parts = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
+    missing = [p for p in parts if not hasattr(dec, p)]
+    if missing:
+        raise ValueError(f"checkpoint_vae='blocks' needs a diffusers AutoencoderKL-style vae.decoder with "
+                         f"{', '.join(parts)}; {type(vae).__name__} lacks {', '.join(missing)}: use "
+                         "sampler.checkpoint_vae=true (the whole decode as one piece)")
+    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+        raise ValueError("checkpoint_vae='blocks' decodes the batch in one piece: disable VAE tiling/slicing "
+                         "or use sampler.checkpoint_vae=true")
+    post_quant_conv = getattr(vae, "post_quant_conv", None)
+
+    def first(z: Tensor) -> Tensor:
+        z = post_quant_conv(z) if post_quant_conv is not None else z
+        return dec.mid_block(dec.conv_in(z), None)
+
+    def head(x: Tensor) -> Tensor:
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
+
+    ups = [lambda x, block=block: block(x, None) for block in dec.up_blocks]
+    return [first, *ups, head]
+
+
+def _decode_in_stages(vae: nn.Module, z: Tensor) -> Tensor:
+    # Each stage keeps only its input for backward; backward recomputes one stage's graph at a time.
+    for stage in vae_decoder_stages(vae):
+        z = checkpoint(stage, z, use_reentrant=False)
+    return z
+
+
+def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool | str = True) -> Tensor:
+    """Latents -> images in [0, 1] (B, 3, H, W), differentiably. `use_checkpoint`: False = plain; True = the
+    decode checkpointed as one piece (the decoder's full-resolution activations are the largest single memory
+    cost of a step); 'blocks' = each decoder stage checkpointed separately (`vae_decoder_stages`)."""
+    if use_checkpoint not in (True, False, "blocks"):
+        raise ValueError(f"use_checkpoint must be True, False or 'blocks', got {use_checkpoint!r}")
     scale = float(getattr(vae.config, "scaling_factor", 0.18215))
     shift = getattr(vae.config, "shift_factor", None)
     z = latents / scale + (float(shift) if shift else 0.0)
     fn = lambda z_: vae.decode(z_).sample
     if use_checkpoint and torch.is_grad_enabled() and z.requires_grad:
-        image = checkpoint(fn, z, use_reentrant=False)
+        image = _decode_in_stages(vae, z) if use_checkpoint == "blocks" else checkpoint(fn, z, use_reentrant=False)
     else:
         image = fn(z)
     return (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)

@@ -129,31 +129,33 @@ def test_weights_outside_zero_one_warn_and_bad_switch_steps_fail(cfg, encoders, 
 
 def _cli(out: Path, encoder: Path) -> list[str]:
     return [sys.executable, "-m", "textcraftor_fast.cli", "evaluate", "--config", "builtin:tiny", "--text-encoder",
-            str(encoder), "--name", "tuned", "--max-prompts", "6", "--batch-size", "1", "--weights", "0,1",
+            str(encoder), "--name", "tuned", "--max-prompts", "4", "--batch-size", "1", "--weights", "0,1",
             "--switch-steps", "none", "--out", str(out)]
 
 
-def test_a_killed_evaluation_resumes_to_the_same_table(encoders, tmp_path):
+def test_a_killed_evaluation_resumes_to_the_same_table(cfg, encoders, tmp_path):
+    clean = evaluate(cfg, [str(encoders[1])], tmp_path / "clean", EvalOptions(
+        prompts="builtin:tiny_world", max_prompts=4, batch_size=1, weights=(0.0, 1.0), switch_steps=(),
+        progress=False), names=["tuned"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    clean = subprocess.run(_cli(tmp_path / "clean", encoders[1]), env=env, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
     proc = subprocess.Popen(_cli(tmp_path / "killed", encoders[1]), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
     cache = tmp_path / "killed" / "cache"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*/*.pt"))) < 4 and proc.poll() is None:
-        time.sleep(0.05)
+    while time.time() < deadline and len(list(cache.glob("*/*.pt"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
     assert proc.poll() is None, "the evaluation finished before it could be killed: give it more batches"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(cache.glob("*/*.pt")))
-    assert 4 <= done < 18  # 3 settings x 6 batches: killed part-way
-    resumed = subprocess.run(_cli(tmp_path / "killed", encoders[1]), env=env, capture_output=True, text=True)
+    assert 3 <= done < 12  # 3 settings (original, w=0, w=1) x 4 batches: killed part-way
+    resumed = subprocess.run(_cli(tmp_path / "killed", encoders[1]), env=env, capture_output=True, text=True,
+                             cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({done} batches cached)" in resumed.stderr
-    table = lambda run: {k: v for k, v in json.loads((tmp_path / run / "table.json").read_text()).items()}
-    assert table("killed")["table"] == table("clean")["table"]
-    assert table("killed")["curves"] == table("clean")["curves"]
+    data = json.loads((tmp_path / "killed" / "table.json").read_text())
+    assert data["table"] == json.loads(json.dumps(clean.table))
+    assert data["curves"] == json.loads(json.dumps(clean.curves))
 
 
 def test_cli_prints_the_table(encoders, tmp_path, capsys):

@@ -135,8 +135,9 @@ class _Evaluation:
         # encoder to an evaluation reuses every batch already scored for the others.
         self._hashes = [weights_fingerprint(e) if e is not None else None for e in self.tuned]
         self._unet_hashes = [weights_fingerprint(u) if u is not None else None for u in self.unets]
-        self._base_key = {"version": CACHE_VERSION, "model": dataclasses.asdict(config.model), "rewards": [dataclasses.asdict(r) for r in
-                          config.rewards], "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
+        self._base_key = {"version": CACHE_VERSION, "model": dataclasses.asdict(config.model),
+                          "rewards": [dataclasses.asdict(r) for r in config.rewards],
+                          "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
                           "spacing": s.timestep_spacing, "train_uncond": s.train_uncond,
                           "prompts": fingerprint(self.prompts), "spc": opts.seeds_per_prompt, "seed0": opts.seed0,
                           "batch": opts.batch_size, "grid": self.grid_n, "tiny_judge": len(self.scorers) > 1}

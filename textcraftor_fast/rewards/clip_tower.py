@@ -117,8 +117,16 @@ class ClipTower(nn.Module):
         device = self.model.visual_projection.weight.device
         return self.cache.get_many(prompts, self._encode_text).to(device)
 
-    @torch.no_grad()
     def _encode_text(self, prompts: list[str]) -> Tensor:
+        # inference_mode(False): an embedding cached during an inference_mode evaluation must stay usable in a
+        # later training step (inference tensors cannot be saved for backward). It also turns grad mode back
+        # on, so no_grad goes inside it.
+        with torch.inference_mode(False), torch.no_grad():
+            return self.encode_text(prompts)
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """(B, E) unit-norm fp32 text embeddings, uncached, in the caller's grad mode (the official code's HPSv2
+        keeps this graph: benchmarks/baseline_official.py)."""
         if not self.has_text:
             raise RuntimeError("this CLIP tower was loaded without its text side")
         if self.tokenizer is None:
@@ -127,12 +135,9 @@ class ClipTower(nn.Module):
         max_len = int(self.model.config.text_config.max_position_embeddings)
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
                              return_tensors="pt").input_ids.to(self.model.visual_projection.weight.device)
-        # inference_mode(False): an embedding cached during an inference_mode evaluation must stay usable in a
-        # later training step (inference tensors cannot be saved for backward).
-        with torch.inference_mode(False):
-            # No attention mask, as the official code: the causal mask hides the padding from the EOT token.
-            out = self.model.text_model(input_ids=ids.clone())
-            return F.normalize(_at_least_fp32(self.model.text_projection(out.pooler_output)), dim=-1)
+        # No attention mask, as the official code: the causal mask hides the padding from the EOT token.
+        out = self.model.text_model(input_ids=ids.clone())
+        return F.normalize(_at_least_fp32(self.model.text_projection(out.pooler_output)), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
