@@ -160,3 +160,29 @@ def test_saved_on_one_rank_resumes_on_two_under_zero_2_as_an_uninterrupted_run(t
     got, expected = load_file(str(torchrun_runs / "resumed" / "rank0.safetensors")), _encoder(reference["step4"])
     for key in expected:
         assert_same_training(got[key], expected[key], key)
+
+
+@pytest.mark.slow
+def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path):
+    """The UNet stage under torchrun (DDP: the engine averages whatever the stage trains, here the LoRA
+    adapters): 2 ranks x batch 1 against one process x batch 2, the same global batch and noise."""
+    pytest.importorskip("peft")
+    from textcraftor_fast import load_config
+    from textcraftor_fast.engine import train
+
+    common = ["train.stage=unet", "train.steps=2", "sampler.num_steps=4", "sampler.grad_steps=2",
+              "train.progress_bar=false", "data.max_prompts=8", "distributed.timeout_s=120"]
+    train(load_config("configs/tiny_random.toml", common + ["train.batch_size=2", f'output.dir="{tmp_path / "one"}"']))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
+           "train", "--config", "configs/tiny_random.toml"]
+    for kv in common + ["train.batch_size=1", f"output.dir={tmp_path / 'two'}"]:
+        cmd += ["--set", kv]
+    _launch(cmd, timeout=300)
+    lora = "unet_lora/pytorch_lora_weights.safetensors"
+    got, expected = load_file(str(tmp_path / "two" / lora)), load_file(str(tmp_path / "one" / lora))
+    base = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / lora))
+    assert got.keys() == expected.keys() and len(got) > 0
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in expected.values())  # the adapters trained
+    for key in got:
+        assert_same_training(got[key], expected[key], key)
+    assert all(torch.equal(base[k], expected[k]) for k in base)

@@ -143,7 +143,9 @@ class Trainer:
         self.dist = init_distributed(cfg.distributed, device_type)
         self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        # The same seed on every rank: whatever a stage initialises at random (LoRA's down projections) must be
+        # identical on all of them, or each rank trains its own adapters (the two-rank UNet-stage test caught it).
+        torch.manual_seed(cfg.seed)
 
         comp = load_components(cfg.model, seed=cfg.seed)
         self.tokenizer = comp.tokenizer
