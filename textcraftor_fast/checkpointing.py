@@ -261,6 +261,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module | Weights, optimizer: tor
     return state, _load_rng(path)
 
 
+def check_optimizer_name(path: Path, name: str) -> None:
+    """Refuse a checkpoint whose optimizer state another optimizer wrote: torch AdamW keeps fp32 moments
+    (exp_avg, exp_avg_sq), bitsandbytes' 8-bit AdamW quantised ones (state1/state2 + absmax); neither converts
+    into the other, and loading one into the other fails only at the next step, or not at all."""
+    import tomllib
+
+    saved = tomllib.loads((path / "config.toml").read_text()).get("optim", {}).get("name", "adamw")
+    if saved != name:
+        raise CheckpointError(f"checkpoint '{path}' holds {saved!r} optimizer state and this run uses "
+                              f"optim.name={name!r}; resume with --set optim.name={saved} (the state of one does "
+                              "not convert into the other)")
+
+
 def load_optimizer_state(path: Path) -> dict[str, Any]:
     """The optimizer state dict of a checkpoint (torch's per-parameter format, any rank count)."""
     try:  # weights_only: tensors, numbers and containers only; a pickle that runs code is refused

@@ -130,8 +130,11 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit"] = "adamw"
-    """Optimizer: torch AdamW (fused) or bitsandbytes 8-bit AdamW (~4x less optimizer state)."""
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """Optimizer: torch AdamW (fused), or bitsandbytes' 8-bit AdamW (blockwise-quantised moments: about a quarter
+    of AdamW's state for the CLIP-L encoder) or its paged variant (state in CUDA unified memory, evicted to host
+    under memory pressure; on CPU the same as adamw8bit). Tensors under 4096 elements keep 32-bit state
+    (bitsandbytes' default)."""
     lr: float = 1e-6
     """Learning rate (paper: 1e-6, no schedule)."""
     weight_decay: float = 0.01

@@ -385,6 +385,7 @@ class Trainer:
         return path
 
     def resume(self, path: Path) -> Path:
+        checkpointing.check_optimizer_name(path, self.cfg.optim.name)
         optimizer = self.optimizer if self.ds is None else None
         state, rng = checkpointing.load_checkpoint(path, self.stage.weights, optimizer)
         if self.ds is not None:  # [deepspeed] scatter the whole per-parameter state into this rank's shard
