@@ -53,8 +53,14 @@ OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 $(OPEN_CLIP_WHEEL): | $(BIN)/python
 	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
+# One pytest worker per core (pytest-xdist), a whole test file per worker (module fixtures are built once; the
+# torchrun tests share a port). Each worker pins one thread; runs that set their own thread count (the demo's
+# 2-thread check) wait passively instead of spinning while the other worker holds a core.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) $(OPEN_CLIP_WHEEL) ext-if-possible
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile \
+	  --durations=15 --benchmark-disable -p no:cacheprovider tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-json=benchmarks/results/latest.json benchmarks

@@ -49,3 +49,22 @@ def tuned_tiny_world_encoder(tiny_world):
         for p in tuned.parameters():
             p.add_(0.2 * p.std().nan_to_num() * torch.randn(p.shape, generator=g))
     return tuned
+
+
+@pytest.fixture(scope="session")
+def tuned_tiny_world_lora(tiny_world):
+    """A "UNet-stage" result: the tiny world's UNet with LoRA adapters (rank 4, alpha 8: a scale of 2, which only
+    survives an export that records alpha) whose up matrices moved by fixed noise (seed 4321), enough to change
+    every image visibly (tests/models/test_export_stock_diffusers.py checks it does)."""
+    import copy
+
+    from textcraftor_fast.models.lora import add_lora
+
+    unet = copy.deepcopy(tiny_world.unet)
+    add_lora(unet, rank=4, alpha=8.0, target_modules=("to_k", "to_q", "to_v", "to_out.0"))
+    g = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return unet.eval().requires_grad_(False)

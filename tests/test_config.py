@@ -83,6 +83,27 @@ def test_builtin_tiny_config_is_shipped_and_matches_the_readable_copy():
         load_config("builtin:nope")
 
 
+def test_unet_stage_settings_default_to_diffusers_lora_and_name_bad_values():
+    cfg = load_config(None, TINY + ["train.stage=unet"])
+    assert cfg.train.stage == "unet" and TrainConfig().train.stage == "text_encoder"
+    u = cfg.unet
+    assert (u.method, u.rank, u.lora_alpha, u.target_modules) == ("lora", 4, 4.0, ("to_k", "to_q", "to_v", "to_out.0"))
+    assert load_config(None, TINY + ["unet.rank=8", "unet.alpha=4"]).unet.lora_alpha == 4.0
+    for override, pattern in [
+        ("train.stage=vae", r"'train\.stage': expected one of 'text_encoder', 'unet', got 'vae'"),
+        ("unet.method=dora", r"'unet\.method': expected one of 'lora', 'full', got 'dora'"),
+        ("unet.rank=0", r"'unet\.rank': expected an integer >= 1, got 0"),
+        ("unet.alpha=-1", r"'unet\.alpha': expected a float > 0 or unset"),
+        ("unet.target_modules=[]", r"'unet\.target_modules': expected a non-empty list of module names"),
+        ("unet.rnak=4", r"unknown config key 'unet\.rnak'; did you mean 'unet\.rank'"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(None, TINY + [override])
+    assert load_config(None, TINY + ["train.stage=unet"]) == config_from_dict(tomllib.loads(to_toml(cfg)))
+    with pytest.raises(ConfigError, match=r"'train\.stage': expected 'text_encoder' with distributed\.backend='deepspeed'"):
+        load_config(None, TINY + ["train.stage=unet", "distributed.backend=deepspeed"])
+
+
 def test_checkpoint_choices_name_the_key_and_the_valid_ones():
     cfg = load_config(None, TINY + ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto",
                                     "train.memory_budget_gb=6"])

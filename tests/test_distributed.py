@@ -160,3 +160,93 @@ def test_saved_on_one_rank_resumes_on_two_under_zero_2_as_an_uninterrupted_run(t
     got, expected = load_file(str(torchrun_runs / "resumed" / "rank0.safetensors")), _encoder(reference["step4"])
     for key in expected:
         assert_same_training(got[key], expected[key], key)
+
+
+@pytest.mark.slow
+def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path):
+    """The UNet stage under torchrun (DDP: the engine averages whatever the stage trains, here the LoRA
+    adapters): 2 ranks x batch 1 against one process x batch 2, the same global batch and noise."""
+    pytest.importorskip("peft")
+    from textcraftor_fast import load_config
+    from textcraftor_fast.engine import train
+
+    common = ["train.stage=unet", "train.steps=2", "sampler.num_steps=4", "sampler.grad_steps=2",
+              "train.progress_bar=false", "data.max_prompts=8", "distributed.timeout_s=120"]
+    train(load_config("configs/tiny_random.toml", common + ["train.batch_size=2", f'output.dir="{tmp_path / "one"}"']))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
+           "train", "--config", "configs/tiny_random.toml"]
+    for kv in common + ["train.batch_size=1", f"output.dir={tmp_path / 'two'}"]:
+        cmd += ["--set", kv]
+    _launch(cmd, timeout=300)
+    lora = "unet_lora/pytorch_lora_weights.safetensors"
+    got, expected = load_file(str(tmp_path / "two" / lora)), load_file(str(tmp_path / "one" / lora))
+    base = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / lora))
+    assert got.keys() == expected.keys() and len(got) > 0
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in expected.values())  # the adapters trained
+    for key in got:
+        assert_same_training(got[key], expected[key], key)
+    assert all(torch.equal(base[k], expected[k]) for k in base)
+
+
+def _rank_pids(parent: int, rank: str) -> list[int]:
+    """Descendants of `parent` whose environment says RANK=`rank` (torchrun's workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc (Linux)")
+def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(tmp_path):
+    import signal
+    import time
+
+    from textcraftor_fast import load_config
+    from textcraftor_fast.engine import train
+
+    settings = ["train.steps=200", "sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1",
+                "train.checkpointing_steps=1", "train.checkpoints_total_limit=2", "train.progress_bar=false",
+                "data.max_prompts=8", "distributed.timeout_s=30"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
+           "train", "--config", "configs/tiny_random.toml"]
+    for kv in settings + [f"output.dir={tmp_path}"]:
+        cmd += ["--set", kv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 240
+        while not list((tmp_path / "checkpoints").glob("step-000002")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        victims = _rank_pids(proc.pid, "1")
+        assert len(victims) == 1, f"rank 1's process not found among torchrun's children: {victims}"
+        killed_at = time.time()
+        os.kill(victims[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 30  # within distributed.timeout_s (measured: 3.5 s; torchrun sees the exit)
+    assert "rank      : 1" in err or "rank: 1" in err, err[-3000:]  # torchrun names the dead rank
+    assert "Signal 9" in err or "SIGKILL" in err or "exitcode  : -9" in err, err[-3000:]
+    # The newest complete checkpoint resumes in one process (rank 0 wrote it; the kill cannot leave a partial
+    # folder under a step-* name: checkpoints are renamed into place whole).
+    result = train(load_config("configs/tiny_random.toml", settings[1:] + [
+        f'output.dir="{tmp_path}"', 'train.resume_from_checkpoint="latest"', "distributed.backend=none"]
+        + [f"train.steps={_latest_step(tmp_path) + 1}"]))
+    assert result.steps == _latest_step(tmp_path)
+
+
+def _latest_step(run: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))

@@ -37,3 +37,25 @@ def test_sd15_architecture_trains_one_step(sd15_file, tmp_path):
     assert metrics["grad_norm"] > 0 and metrics["skipped"] == 0
     assert all(p.grad is None for p in trainer.unet.parameters())
     assert all(p.grad is not None for p in trainer.text_encoder.parameters())
+
+
+@pytest.mark.slow
+def test_sd15_architecture_unet_stage_lora_step(sd15_file, tmp_path):
+    # The UNet stage at SD1.5 size: diffusers' default LoRA (rank 4 on to_q/to_k/to_v/to_out.0), the UNet call
+    # checkpointed, one optimizer step; only the adapters move.
+    cfg = load_config(None, ["model.kind=pretrained", f'model.path="{sd15_file}"', "model.resolution=64",
+                             "sampler.num_steps=2", "sampler.grad_steps=1", "train.batch_size=1",
+                             "train.stage=unet", 'rewards=[{name="colorfulness"}]', f'output.dir="{tmp_path}"',
+                             "train.progress_bar=false", "data.max_prompts=4"])
+    trainer = Trainer(cfg)
+    lora = {n: p for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    # 16 attention blocks x 2 attentions x 4 projections, A (4 x in) and B (out x 4) each.
+    assert len(lora) == 16 * 2 * 4 * 2 and all(".lora_" in n for n in lora)
+    assert sum(p.numel() for p in lora.values()) == 797_184
+    before = {n: p.detach().clone() for n, p in lora.items() if "lora_B" in n}
+    metrics = trainer.train_step()
+    assert metrics["grad_norm"] > 0 and metrics["skipped"] == 0
+    assert all(p.grad is not None for p in lora.values())
+    assert all(p.grad is None for p in trainer.text_encoder.parameters())
+    assert all(p.grad is None for n, p in trainer.unet.named_parameters() if n not in lora)
+    assert any(not torch.equal(p, before[n]) for n, p in lora.items() if n in before)

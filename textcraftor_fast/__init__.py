@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .config import ConfigError, TrainConfig, load_config
 
-__all__ = ["ConfigError", "EvalOptions", "TrainConfig", "TrainResult", "evaluate", "load_config", "train"]
+__all__ = ["ConfigError", "EvalOptions", "TrainConfig", "TrainResult", "Tuned", "evaluate", "load_config", "train"]
 __version__ = "0.1.0"
 
 
@@ -12,7 +12,7 @@ def __getattr__(name: str):
     if name in ("train", "TrainResult"):
         from . import engine
         return getattr(engine, name)
-    if name in ("evaluate", "EvalOptions"):
+    if name in ("evaluate", "EvalOptions", "Tuned"):
         from . import evaluation
         return getattr(evaluation, name)
     raise AttributeError(f"module 'textcraftor_fast' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 A checkpoint is a folder `checkpoints/step-000123/` holding
   text_encoder/        the tuned encoder (diffusers layout: config.json + model.safetensors), drop-in
+                       (train.stage = 'unet': unet_lora/ or unet/ instead, see stages.py)
   optimizer.pt         optimizer state in torch's per-parameter format whatever the rank count (DeepSpeed's
                        ZeRO shards are gathered first), tensors and numbers only: loaded with weights_only=True
   rng.safetensors      torch CPU/CUDA RNG and the sampler generator's state
@@ -24,7 +25,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -32,9 +33,52 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
-# What a checkpoint must hold besides the manifest; anything missing makes it incomplete.
-REQUIRED = ("text_encoder/model.safetensors", "text_encoder/config.json", "optimizer.pt", "rng.safetensors",
-            "rng.json", "state.json", "config.toml")
+# What every checkpoint holds besides its weights and the manifest.
+COMMON = ("optimizer.pt", "rng.safetensors", "rng.json", "state.json", "config.toml")
+# What a text-encoder-stage checkpoint must hold besides the manifest; anything missing makes it incomplete.
+# Other stages name their own weight files (`Weights.files`) in place of the encoder's.
+REQUIRED = ("text_encoder/model.safetensors", "text_encoder/config.json", *COMMON)
+
+
+class Weights(Protocol):
+    """What a checkpoint stores of the model being trained: its files (relative to the checkpoint folder), how
+    they are written and how they are read back (strictly, bit for bit)."""
+
+    files: tuple[str, ...]
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+class EncoderWeights:
+    """The text-encoder stage's weights: text_encoder/ in the diffusers layout."""
+
+    files = REQUIRED[:2]
+
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        self.text_encoder = text_encoder
+
+    def save(self, folder: Path) -> None:
+        from .models import export_text_encoder
+
+        export_text_encoder(self.text_encoder, folder / "text_encoder", layout="diffusers")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        from .models.keymap import clip_state_dict_any_layout
+
+        weights = folder / "text_encoder" / "model.safetensors"
+        result = self.text_encoder.load_state_dict(clip_state_dict_any_layout(load_file(str(weights))), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def _weights(model: torch.nn.Module | Weights) -> Weights:
+    # A bare module is the text encoder: the checkpoint layout this module has always written.
+    return EncoderWeights(model) if isinstance(model, torch.nn.Module) else model
 
 
 class CheckpointError(RuntimeError):
@@ -82,8 +126,9 @@ def _write_manifest(folder: Path) -> None:
         _fsync(d)
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if `path` is a complete checkpoint whose files match its manifest, else what is wrong."""
+def verify_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED) -> str | None:
+    """None if `path` is a complete checkpoint (holding every file of `required`) whose files match its manifest,
+    else what is wrong."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return f"no {MANIFEST} (incomplete, or not written by this version)"
@@ -91,9 +136,10 @@ def verify_checkpoint(path: Path) -> str | None:
         entries = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__})"
-    for rel in REQUIRED:
+    for rel in required:
         if rel not in entries:
-            return f"{MANIFEST} does not list {rel}"
+            return f"{MANIFEST} does not list {rel}" + ("" if rel in COMMON else
+                                                       " (a checkpoint of another train.stage or unet.method?)")
     for rel, meta in entries.items():
         f = path / rel
         if not f.is_file():
@@ -105,16 +151,16 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
+def resolve_checkpoint(spec: str, output_dir: str | Path, required: tuple[str, ...] = REQUIRED) -> Path:
     """'latest' -> the newest VALID step-* under output_dir/checkpoints; otherwise a checkpoint folder path,
-    which must pass `verify_checkpoint`."""
+    which must pass `verify_checkpoint` (with the files `required` of this run's stage)."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume 'latest': no checkpoint under '{checkpoints_dir(output_dir)}'; "
                                     "train first or pass a checkpoint folder")
         for path in reversed(found):
-            problem = verify_checkpoint(path)
+            problem = verify_checkpoint(path, required)
             if problem is None:
                 return path
             logger.warning("resume 'latest': skipping %s: %s; trying the previous checkpoint", path, problem)
@@ -125,7 +171,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"resume: '{path}' is not a checkpoint folder (expected {path}/{MANIFEST}); pass a "
                                 f"folder like {checkpoints_dir(output_dir)}/step-000010 or 'latest'")
-    problem = verify_checkpoint(path)
+    problem = verify_checkpoint(path, required)
     if problem is not None:
         raise CheckpointError(f"resume: checkpoint '{path}' is not intact: {problem}; pass another checkpoint "
                               "or 'latest' (which falls back to the newest intact one)")
@@ -151,13 +197,12 @@ def _load_rng(folder: Path) -> dict[str, Any]:
     return {**rng, **other}
 
 
-def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Module,
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module | Weights,
                     optimizer: torch.optim.Optimizer | Mapping[str, Any], rng: dict[str, Any],
                     state: dict[str, Any], config_toml: str, keep: int | None) -> Path:
-    """Write a checkpoint (see the module docstring); `optimizer` is an optimizer or its state dict (DeepSpeed's,
-    gathered from the shards)."""
-    from .models import export_text_encoder
-
+    """Write checkpoint `step`; `model` is the text encoder (a module) or a stage's `Weights`; `optimizer` is an
+    optimizer or its state dict (DeepSpeed's, gathered from the shards)."""
+    weights = _weights(model)
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -166,7 +211,7 @@ def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Mo
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        export_text_encoder(text_encoder, tmp / "text_encoder", layout="diffusers")
+        weights.save(tmp)
         torch.save(optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict(), tmp / "optimizer.pt")
         _save_rng(tmp, rng)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -195,22 +240,16 @@ def save_checkpoint(output_dir: str | Path, step: int, text_encoder: torch.nn.Mo
     return final
 
 
-def load_checkpoint(path: Path, text_encoder: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+def load_checkpoint(path: Path, model: torch.nn.Module | Weights, optimizer: torch.optim.Optimizer | None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights (strict), optimizer and RNG state of a checkpoint that passed `resolve_checkpoint`."""
-    from safetensors.torch import load_file
-
-    from .models.keymap import clip_state_dict_any_layout
-
-    missing = [rel for rel in REQUIRED if not (path / rel).is_file()]
+    """Load weights (strict), optimizer and RNG state of a checkpoint that passed `resolve_checkpoint`; `model` is
+    the text encoder (a module) or a stage's `Weights`."""
+    weights = _weights(model)
+    missing = [rel for rel in (*weights.files, *COMMON) if not (path / rel).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}; an exact resume "
                               "needs all of them")
-    weights = path / "text_encoder" / "model.safetensors"
-    result = text_encoder.load_state_dict(clip_state_dict_any_layout(load_file(str(weights))), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    weights.load(path)
     if optimizer is not None:
         saved = load_optimizer_state(path)
         try:
@@ -220,6 +259,19 @@ def load_checkpoint(path: Path, text_encoder: torch.nn.Module, optimizer: torch.
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     state = json.loads((path / "state.json").read_text())
     return state, _load_rng(path)
+
+
+def check_optimizer_name(path: Path, name: str) -> None:
+    """Refuse a checkpoint whose optimizer state another optimizer wrote: torch AdamW keeps fp32 moments
+    (exp_avg, exp_avg_sq), bitsandbytes' 8-bit AdamW quantised ones (state1/state2 + absmax); neither converts
+    into the other, and loading one into the other fails only at the next step, or not at all."""
+    import tomllib
+
+    saved = tomllib.loads((path / "config.toml").read_text()).get("optim", {}).get("name", "adamw")
+    if saved != name:
+        raise CheckpointError(f"checkpoint '{path}' holds {saved!r} optimizer state and this run uses "
+                              f"optim.name={name!r}; resume with --set optim.name={saved} (the state of one does "
+                              "not convert into the other)")
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:

@@ -48,7 +48,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result.checkpoint}")
-        print(f"text encoder: {result.text_encoder}")
+        if result.text_encoder is not None:
+            print(f"text encoder: {result.text_encoder}")
+        if result.unet is not None:
+            print(f"unet: {result.unet}")
     return 0
 
 
@@ -71,7 +74,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                            switch_step=args.switch_step, weight=args.weight, seed=args.seed,
                            timestep_spacing=cfg.sampler.timestep_spacing)
     paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
-                     cfg.train.device, grid=args.grid)
+                     cfg.train.device, grid=args.grid, unet=args.unet)
     print(f"wrote {len(paths)} images to {args.out}" + (f" and the contact sheet {GRID_NAME}" if args.grid else ""))
     return 0
 
@@ -91,21 +94,40 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .loaders import load_components
     from .models.export import check_layout, export_tuned
     from .models.loading import load_text_encoder
+    from .models.lora import load_unet
 
     cfg = load_config(args.config, list(args.set or []))
-    check_layout(args.layout, args.full)  # before loading the base model, which takes a while at SD1.5 size
+    # Before loading the base model, which takes a while at SD1.5 size.
+    check_layout(args.layout, args.full, args.text_encoder is not None, args.unet is not None)
     _refuse_overwriting_base(args.out, cfg.model.path)
     comp = load_components(cfg.model, seed=cfg.seed)
-    encoder = load_text_encoder(args.text_encoder, config=comp.text_encoder.config)
+    encoder = load_text_encoder(args.text_encoder, config=comp.text_encoder.config) if args.text_encoder else None
+    unet = load_unet(args.unet, comp.unet, merge=args.layout != "lora") if args.unet else None
     dtype = getattr(torch, EXPORT_DTYPES[args.dtype])
     path = export_tuned(comp, encoder, args.out, layout=args.layout, full=args.full, dtype=dtype,
-                        timestep_spacing=cfg.sampler.timestep_spacing)
+                        timestep_spacing=cfg.sampler.timestep_spacing, unet=unet)
     print(f"exported: {path}")
     return 0
 
 
+class _Entry(argparse.Action):
+    """--text-encoder and --model append to one list, so that --name follows the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        entries = list(getattr(namespace, self.dest) or [])
+        entries.append((self.const, value))
+        setattr(namespace, self.dest, entries)
+
+
+def _compare_pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not (sep and a and b):
+        raise argparse.ArgumentTypeError(f"expected NAME:NAME such as both:encoder, got {text!r}")
+    return a, b
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import EvalOptions, evaluate
+    from .evaluation import EvalOptions, Tuned, evaluate
 
     cfg = load_config(args.config, list(args.set or []))
     prompts = args.prompts or ("builtin:tiny_world" if cfg.model.kind == "tiny_world" else "builtin:parti")
@@ -113,8 +135,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
                        switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
                        switch_step=args.switch_step, num_steps=args.steps, batch_size=args.batch_size,
-                       grid_prompts=args.grid_prompts, device=cfg.train.device)
-    result = evaluate(cfg, args.text_encoder or [], args.out, opts, names=args.name)
+                       grid_prompts=args.grid_prompts, device=cfg.train.device, compare=tuple(args.compare or ()))
+    entries = [path if kind == "text_encoder" else Tuned.from_folder(path) for kind, path in args.entries or []]
+    result = evaluate(cfg, entries, args.out, opts, names=args.name)
     print(result.files["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -185,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=3 (repeatable)")
 
-    t = sub.add_parser("train", help="fine-tune the text encoder")
+    t = sub.add_parser("train", help="fine-tune the text encoder (or the UNet: --set train.stage=unet)")
     common(t)
     t.add_argument("--resume", metavar="PATH|latest", help="resume from a checkpoint folder or the latest one")
     t.set_defaults(func=_cmd_train)
@@ -195,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="prompts file (.txt/.jsonl/.csv/.parquet)")
     g.add_argument("--text-encoder", action="append", help="tuned encoder folder/checkpoint/.safetensors (repeatable)")
+    g.add_argument("--unet", help="tuned UNet (UNet stage): a LoRA folder, a UNet folder, or a run holding unet_lora/ "
+                                  "or unet/; used at every step")
     g.add_argument("--weights", type=float, nargs="+", help="one mixing weight per --text-encoder")
     g.add_argument("--weight", type=float, default=1.0, help="interpolation w for a single encoder (default 1)")
     g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
@@ -205,30 +230,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", action="store_true", help="also write grid.png: every image labelled with its prompt")
     g.set_defaults(func=_cmd_generate)
 
-    e = sub.add_parser("export", help="export a tuned text encoder: a text_encoder/ folder, a whole diffusers "
-                                      "pipeline, or the original single-file layout")
+    e = sub.add_parser("export", help="export a tuned text encoder and/or UNet: a component folder, a UNet LoRA, a "
+                                      "whole diffusers pipeline, or the original single-file layout")
     common(e)
-    e.add_argument("--text-encoder", required=True, help="tuned encoder folder/checkpoint/.safetensors")
-    e.add_argument("--layout", choices=["diffusers", "pipeline", "single_file"], default="diffusers",
-                   help="diffusers: a text_encoder/ folder (CLIPTextModel.from_pretrained); pipeline: the base "
-                        "model's folder with the tuned encoder (StableDiffusionPipeline.from_pretrained); "
-                        "single_file: cond_stage_model.* keys in one .safetensors (default diffusers)")
+    e.add_argument("--text-encoder", help="tuned encoder folder/run/checkpoint/.safetensors")
+    e.add_argument("--unet", help="tuned UNet (UNet stage): a LoRA folder, a UNet folder, or a run/checkpoint folder "
+                                  "holding unet_lora/ or unet/")
+    e.add_argument("--layout", choices=["diffusers", "pipeline", "single_file", "lora"], default="diffusers",
+                   help="diffusers: the tuned component's folder (a text_encoder/ folder for CLIPTextModel."
+                        "from_pretrained, or a merged unet/ folder); lora: the UNet LoRA for pipe.load_lora_weights; "
+                        "pipeline: the base model's folder with the tuned parts (StableDiffusionPipeline."
+                        "from_pretrained); single_file: the tuned parts' original-layout keys in one .safetensors "
+                        "(default diffusers)")
     e.add_argument("--full", action="store_true",
-                   help="with --layout single_file: the whole original-layout checkpoint (base UNet/VAE + tuned "
-                        "encoder), for StableDiffusionPipeline.from_single_file and other SD1.5 tools")
+                   help="with --layout single_file: the whole original-layout checkpoint (base parts + tuned "
+                        "ones), for StableDiffusionPipeline.from_single_file and other SD1.5 tools")
     e.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32",
                    help="dtype of the written weights (default fp32)")
     e.add_argument("--out", required=True,
-                   help="output folder (diffusers, pipeline) or .safetensors file (single_file)")
+                   help="output folder (diffusers, lora, pipeline) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) against the original: table with 95%% "
-                                        "intervals, picture grid, interpolation and switch-step curves")
+    v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) and/or UNet(s) against the original: "
+                                        "table with 95%% intervals, picture grid, interpolation and switch-step curves")
     common(v)
-    v.add_argument("--text-encoder", action="append", metavar="PATH",
+    v.add_argument("--text-encoder", action=_Entry, const="text_encoder", dest="entries", metavar="PATH",
                    help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
                         "original alone)")
-    v.add_argument("--name", action="append", help="a column name per --text-encoder (default: its run folder)")
+    v.add_argument("--model", action=_Entry, const="model", dest="entries", metavar="PATH",
+                   help="a tuned model: a run folder holding text_encoder/ and/or unet_lora/ (or unet/), e.g. a "
+                        "UNet-stage run, or a UNet LoRA/UNet folder alone (repeatable)")
+    v.add_argument("--name", action="append", help="a column name per --text-encoder / --model, in their order "
+                                                   "(default: the run folder's name)")
+    v.add_argument("--compare", action="append", type=_compare_pair, metavar="A:B",
+                   help="also the paired difference A - B between two evaluated models, e.g. both:encoder "
+                        "(repeatable)")
     v.add_argument("--prompts", help="prompt file, builtin:parti, or builtin:tiny_world[:validation] (default: "
                                      "builtin:tiny_world for the tiny world, else builtin:parti)")
     v.add_argument("--max-prompts", type=int, metavar="N", help="the first N distinct prompts")

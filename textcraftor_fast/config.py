@@ -37,7 +37,8 @@ class ModelConfig:
     resolution: int = 512
     """Image side in pixels; the latent side is resolution // vae_scale_factor (8 for SD)."""
     text_encoder_path: str = ""
-    """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own."""
+    """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own
+    (train.stage='unet': the frozen encoder the UNet is tuned under, e.g. an encoder-stage run's text_encoder/)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.resolution >= 8 and self.resolution % 8 == 0, f"{prefix}.resolution",
@@ -129,8 +130,11 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit"] = "adamw"
-    """Optimizer: torch AdamW (fused) or bitsandbytes 8-bit AdamW (~4x less optimizer state)."""
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """Optimizer: torch AdamW (fused), or bitsandbytes' 8-bit AdamW (blockwise-quantised moments: about a quarter
+    of AdamW's state for the CLIP-L encoder) or its paged variant (state in CUDA unified memory, evicted to host
+    under memory pressure; on CPU the same as adamw8bit). Tensors under 4096 elements keep 32-bit state
+    (bitsandbytes' default)."""
     lr: float = 1e-6
     """Learning rate (paper: 1e-6, no schedule)."""
     weight_decay: float = 0.01
@@ -152,6 +156,41 @@ class OptimConfig:
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{prefix}.max_grad_norm",
                "a float > 0 or unset", self.max_grad_norm)
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+# The attention projections diffusers' LoRA training scripts adapt (train_text_to_image_lora.py), which every
+# diffusers LoRA loader expects to find in an SD1.5 UNet LoRA.
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet stage (train.stage = 'unet'): how the UNet is fine-tuned."""
+
+    method: Literal["lora", "full"] = "lora"
+    """'lora': low-rank adapters (peft) on `target_modules`, the base UNet frozen; 'full': every UNet weight, fp32
+    master weights (train.mixed_precision autocasts the compute)."""
+    rank: int = 4
+    """LoRA rank r (diffusers' scripts: 4)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / rank. Unset: alpha = rank (scale 1, as diffusers' scripts)."""
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Module names (peft suffix match) that get adapters: the attention projections by default."""
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    """Initialisation of LoRA's down matrix (the up matrix starts at zero, so the first step is the base model):
+    'gaussian' N(0, 1/r) as diffusers' scripts, 'kaiming' peft's default."""
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank >= 1, f"{prefix}.rank", "an integer >= 1", self.rank)
+        _check(self.alpha is None or self.alpha > 0, f"{prefix}.alpha", "a float > 0 or unset (alpha = rank)",
+               self.alpha)
+        _check(len(self.target_modules) >= 1 and all(bool(m) for m in self.target_modules),
+               f"{prefix}.target_modules", "a non-empty list of module names such as "
+               f"{list(DEFAULT_LORA_TARGETS)}", self.target_modules)
 
 
 @dataclass(frozen=True)
@@ -186,6 +225,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
+    stage: Literal["text_encoder", "unet"] = "text_encoder"
+    """What is fine-tuned: 'text_encoder' (TextCraftor: the CLIP text encoder, everything else frozen) or 'unet' (the
+    UNet, as [unet] says, under the frozen encoder at model.text_encoder_path; the paper's second stage)."""
     steps: int = 10_000
     """Optimizer steps (paper: 10K)."""
     batch_size: int = 4
@@ -298,10 +340,11 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train", "distributed"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
@@ -315,6 +358,10 @@ class TrainConfig:
                    "'adamw' with distributed.zero_stage 1 or 2 (8-bit state quantised per ZeRO partition cannot "
                    "be resharded; use distributed.zero_stage=0, where 8-bit state is already ~4x smaller)",
                    self.optim.name)
+            # DeepSpeedEncoder wraps the text encoder; a UNet (LoRA or full) under ZeRO is not built yet.
+            _check(self.train.stage == "text_encoder", "train.stage",
+                   "'text_encoder' with distributed.backend='deepspeed' (train the UNet stage with "
+                   "distributed.backend='ddp')", self.train.stage)
         _check(self.train.eval_every == 0 or bool(self.data.eval_path), "data.eval_path",
                "a prompt file or built-in set when train.eval_every > 0 (e.g. 'builtin:parti')", self.data.eval_path)
     def to_dict(self) -> dict[str, Any]:

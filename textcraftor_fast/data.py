@@ -7,11 +7,15 @@ the cursor (epoch, position) is all that a checkpoint must store to continue exa
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,6 +131,79 @@ def load_prompts(source: str, field: str = "prompt", max_prompts: int | None = N
     return unique
 
 
+class PromptTable(Sequence[str]):
+    """Prompts in one Arrow string column memory-mapped from a file (see `open_prompts`): the pages belong to
+    the OS page cache, so every rank on a node shares one copy instead of holding its own list of strings."""
+
+    def __init__(self, column: Any, path: Path) -> None:
+        self._column, self.path = column, path
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._column[i].as_py() for i in range(*index.indices(len(self)))]
+        return self._column[index].as_py()
+
+
+# Bump when the de-duplication below changes: cached tables of an older rule are then rebuilt, never reused.
+_TABLE_VERSION = 1
+
+
+def open_prompts(source: str, field: str = "prompt", max_prompts: int | None = None, on_bad_line: str = "error",
+                 cache_dir: str | Path | None = None) -> Sequence[str]:
+    """The prompts `load_prompts` returns, the same strings in the same order; a .parquet source (the large
+    ones: OpenPrompts is 10M prompts) as a `PromptTable` memory-mapped from `cache_dir`, built there once
+    (atomically) per source file, field and max_prompts. Other sources come back as a list."""
+    path = Path(source)
+    if cache_dir is None or source in BUILTIN or path.suffix.lower() != ".parquet" or not path.is_file():
+        return load_prompts(source, field, max_prompts, on_bad_line)
+    import pyarrow as pa
+
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, field, max_prompts,
+                                     _TABLE_VERSION]).encode()).hexdigest()[:16]
+    cached = Path(cache_dir) / f"prompts-{key}.arrow"
+    if not cached.is_file():
+        _write_prompt_table(path, field, max_prompts, cached)
+    else:
+        logger.info("Prompts from %s: the de-duplicated table %s (built earlier)", source, cached)
+    table = pa.ipc.open_file(pa.memory_map(str(cached), "r")).read_all()  # zero-copy: nothing is read yet
+    if table.num_rows == 0:
+        raise ValueError(f"prompt source '{source}' holds no prompts (after dropping blank lines); "
+                         "give a file with at least one prompt")
+    return PromptTable(table.column(0), cached)
+
+
+def _write_prompt_table(path: Path, field: str, max_prompts: int | None, out: Path) -> None:
+    """load_prompts' rule (str.strip, blanks dropped, first occurrence of each prompt kept, in file order) one
+    record batch at a time, de-duplicated by Arrow's hash table, written as an Arrow IPC file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    col = _column(parquet.schema_arrow.names, field, path)
+    name = parquet.schema_arrow.names[col]
+    pieces, n_raw, n_nonblank = [], 0, 0
+    for batch in parquet.iter_batches(batch_size=1 << 16, columns=[name]):
+        values = batch.column(0).to_pylist()
+        n_raw += len(values)
+        kept = [t for t in (str(v).strip() if v is not None else "" for v in values) if t]
+        n_nonblank += len(kept)
+        pieces.append(pa.array(kept, type=pa.large_string()))
+    distinct = pc.unique(pa.chunked_array(pieces, type=pa.large_string()))  # first occurrences, in order
+    unique = distinct[:max_prompts] if max_prompts is not None else distinct
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("prompt", pa.large_string())])) as w:
+        w.write_table(pa.table({"prompt": unique}), max_chunksize=1 << 16)
+    os.replace(tmp, out)  # several ranks may build it at once: each renames a complete file into place
+    logger.info("Prompts from %s: %d read, %d blank dropped, %d duplicates dropped, %d used (table: %s)",
+                path, n_raw, n_raw - n_nonblank, n_nonblank - len(distinct), len(unique), out)
+
+
 @dataclass
 class PromptStream:
     """Endless, deterministic, sharded batches of prompts with a resumable cursor.
@@ -135,7 +212,7 @@ class PromptStream:
     rank, rank + world, ...; so ranks never see the same prompt within an epoch.
     """
 
-    prompts: list[str]
+    prompts: Sequence[str]
     batch_size: int
     seed: int = 0
     shuffle: bool = True

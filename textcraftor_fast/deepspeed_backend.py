@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DistributedConfig, TrainConfig
+from .optim import optimizer_state_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ class DeepSpeedEncoder:
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (ZeRO-1/2: its partition only)."""
-        return sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
-                   for v in state.values() if torch.is_tensor(v))
+        return optimizer_state_bytes(self.optimizer)
 
     # ------------------------------------------------------------------------------------- state (collective)
     def full_optimizer_state(self) -> dict[str, Any]:

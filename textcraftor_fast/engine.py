@@ -5,12 +5,13 @@ Per optimizer step and micro-batch of prompts:
   2. DDIM with CFG from x_T: early steps with no graph on the original embeddings, the last K with a
      graph on the trainable ones, each UNet call checkpointed (sampler.py);
   3. decode with the VAE (differentiable, checkpointed), score with the rewards;
-  4. loss = -sum_i w_i R_i; backward reaches only the text encoder (every other tower is frozen).
+  4. loss = -sum_i w_i R_i; backward reaches only what the stage trains (stages.py): the text encoder
+     (train.stage = 'text_encoder'), or the UNet's LoRA adapters / weights (train.stage = 'unet', where the
+     encoder is frozen and the two embeddings coincide); every other tower is frozen.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,15 +30,15 @@ from torch import Tensor
 
 from . import checkpointing
 from .config import TrainConfig, to_toml
-from .data import PromptStream, load_prompts
+from .data import PromptStream, open_prompts
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
-from .monitor import embedding_monitor
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
+from .stages import build_stage, checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +47,19 @@ _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainResult:
-    """What a run produced: the last resumable checkpoint, the final encoder, and the metrics."""
+    """What a run produced: the last resumable checkpoint, the final encoder and/or UNet, and the metrics."""
 
     checkpoint: Path
-    text_encoder: Path
+    text_encoder: Path | None
+    """output_dir/text_encoder: the tuned encoder (text-encoder stage), or the frozen one the UNet was tuned under
+    (UNet stage with model.text_encoder_path set); None for a UNet stage on the base encoder."""
     output_dir: Path
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     """Steps, samples/s, peak memory and the best evaluation of this session (also in output_dir/summary.json)."""
+    unet: Path | None = None
+    """UNet stage: output_dir/unet_lora (diffusers LoRA: pipe.load_lora_weights) or output_dir/unet (full)."""
 
 
 def _device_type(name: str) -> str:
@@ -100,13 +106,22 @@ def _check_writable(folder: Path) -> None:
                       "output.dir") from None
 
 
-def _warn_long_prompts(tokenizer, prompts: list[str]) -> None:
-    limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-    n_long = sum(n > limit for n in lengths)
+def _warn_long_prompts(tokenizer, prompts: Sequence[str], max_checked: int = 100_000) -> None:
+    """Warn when prompts exceed the tokenizer's length. Up to `max_checked` of them, evenly spaced, in chunks:
+    tokenizing 10M prompts at start-up would take minutes and hold every id list at once."""
+    limit, stride = tokenizer.model_max_length, max(1, len(prompts) // max_checked)
+    n_long = n_checked = longest = 0
+    indices = range(0, len(prompts), stride)
+    for start in range(0, len(indices), 4096):
+        chunk = [prompts[i] for i in indices[start:start + 4096]]
+        lengths = [len(ids) for ids in tokenizer(chunk, truncation=False, verbose=False).input_ids]
+        n_long += sum(n > limit for n in lengths)
+        n_checked += len(lengths)
+        longest = max(longest, *lengths)
     if n_long:
-        logger.warning("%d of %d prompts are longer than %d tokens and are truncated to them (as SD's pipeline "
-                       "does); the longest has %d", n_long, len(prompts), limit, max(lengths))
+        sample = "" if n_checked == len(prompts) else f" (checked {n_checked} evenly spaced ones)"
+        logger.warning("%d of %d prompts%s are longer than %d tokens and are truncated to them (as SD's pipeline "
+                       "does); the longest has %d", n_long, n_checked, sample, limit, longest)
 
 
 class Trainer:
@@ -120,7 +135,8 @@ class Trainer:
         _check_writable(self.output_dir)  # before any model loads: a bad output.dir fails in milliseconds
         # Resolve the resume target before building anything: a wrong path fails in milliseconds.
         spec = cfg.train.resume_from_checkpoint
-        self._resume_from = checkpointing.resolve_checkpoint(spec, self.output_dir) if spec else None
+        self._resume_from = (checkpointing.resolve_checkpoint(spec, self.output_dir, checkpoint_files(cfg))
+                             if spec else None)
         existing = checkpointing.list_checkpoints(self.output_dir)
         if self._resume_from is None and existing and not cfg.output.overwrite:
             raise FileExistsError(f"output.dir '{self.output_dir}' already holds a run (latest checkpoint "
@@ -137,18 +153,19 @@ class Trainer:
         self.dist = init_distributed(cfg.distributed, device_type)
         self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        # The same seed on every rank: whatever a stage initialises at random (LoRA's down projections) must be
+        # identical on all of them, or each rank trains its own adapters (the two-rank UNet-stage test caught it).
+        torch.manual_seed(cfg.seed)
 
         comp = load_components(cfg.model, seed=cfg.seed)
         self.tokenizer = comp.tokenizer
         # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only
-        # cost memory and a cast per call. The trainable encoder keeps fp32 master weights.
+        # cost memory and a cast per call. What the stage trains keeps fp32 master weights.
         cast = {"dtype": self.amp_dtype} if cfg.train.mixed_precision != "no" else {}
-        self.unet = freeze(comp.unet).to(self.device, **cast)
+        self.stage = build_stage(cfg, comp, self.device, cast)
+        self.unet, self.text_encoder = self.stage.unet, self.stage.text_encoder
+        self.original_encoder = self.stage.original_encoder
         self.vae = freeze(comp.vae).to(self.device, **cast)
-        self.text_encoder = comp.text_encoder.to(self.device).float().train()
-        self.text_encoder.requires_grad_(True)
-        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
         self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device,
                                     cfg.ops.attention)
@@ -165,19 +182,24 @@ class Trainer:
             # eta 0 whatever training uses: an evaluation must be deterministic to be compared across steps.
             eval_schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, 0.0,
                                           cfg.sampler.timestep_spacing)
-            self.evaluator = TrainingEvaluator(cfg, self.unet, self.vae, self.tokenizer, self.original_encoder,
-                                               eval_schedule, (self.latent_channels, self.latent_size,
-                                                               self.latent_size), self.rewards)
+            self.evaluator = TrainingEvaluator(cfg, self.stage.base_unet, self.vae, self.tokenizer,
+                                               self.original_encoder, eval_schedule,
+                                               (self.latent_channels, self.latent_size, self.latent_size),
+                                               self.rewards)
 
-        prompts = load_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts, cfg.data.on_bad_line)
+        # A .parquet source is memory-mapped from a de-duplicated Arrow table under the run folder: every rank
+        # on a node shares its pages (issue 11: 10M prompts as Python strings on every rank is ~15 GB a node).
+        prompts = open_prompts(cfg.data.path, cfg.data.field, cfg.data.max_prompts, cfg.data.on_bad_line,
+                               cache_dir=self.output_dir / "prompt_cache")
         _warn_long_prompts(self.tokenizer, prompts)
         self.probe_prompts = prompts[:16]
         self.stream = PromptStream(prompts, cfg.train.batch_size, cfg.seed, cfg.data.shuffle,
                                    self.dist.rank, self.dist.world_size)
-        self.params = [p for p in self.text_encoder.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.text_encoder, cfg.optim, self.device)
-        # [deepspeed] distributed.backend='deepspeed': DeepSpeed averages, clips and steps the encoder.
-        self.ds = (DeepSpeedEncoder(self.text_encoder, self.optimizer, cfg, self.dist.world_size)
+        self.params = [p for p in self.stage.trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.stage.trainable, cfg.optim, self.device)
+        # [deepspeed] distributed.backend='deepspeed': DeepSpeed averages, clips and steps the encoder (the
+        # text-encoder stage only: config validation refuses the UNet stage on it).
+        self.ds = (DeepSpeedEncoder(self.stage.trainable, self.optimizer, cfg, self.dist.world_size)
                    if cfg.distributed.backend == "deepspeed" else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.mixed_precision == "fp16")
         # The same generators on every rank: each rank draws the noise of the whole global batch and keeps
@@ -199,7 +221,7 @@ class Trainer:
         logger.info("  Total train batch size (w. parallel, distributed & accumulation) = %d", total_batch)
         logger.info("  Gradient accumulation steps = %d", cfg.train.gradient_accumulation_steps)
         logger.info("  Total optimization steps = %d", cfg.train.steps)
-        logger.info("  Trainable (text encoder) parameters = %s", f"{n_train:,}")
+        logger.info("  Trainable (%s) parameters = %s", self.stage.name, f"{n_train:,}")
         logger.info("  Sampler: DDIM %d steps %s (t=%s..%s), CFG %.2f, K=%d%s, switch step %d, checkpoint=%s",
                     cfg.sampler.num_steps, cfg.sampler.timestep_spacing, self.schedule.timesteps[0],
                     self.schedule.timesteps[-1], cfg.sampler.guidance_scale, cfg.sampler.grad_steps,
@@ -262,7 +284,7 @@ class Trainer:
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}
-        if self.cfg.train.embedding_anchor > 0:
+        if self.cfg.train.embedding_anchor > 0 and cond.requires_grad:  # a frozen encoder's anchor is a constant
             anchor = (cond.float() - frozen.cond.float()).pow(2).mean()
             loss = loss + self.cfg.train.embedding_anchor * anchor
             extra["anchor"] = float(anchor.detach())
@@ -370,14 +392,15 @@ class Trainer:
         optimizer = self.ds.full_optimizer_state() if self.ds is not None else self.optimizer
         if self.dist.is_main:
             path = checkpointing.save_checkpoint(
-                self.output_dir, self.step, self.text_encoder, optimizer, self.rng_state(),
+                self.output_dir, self.step, self.stage.weights, optimizer, self.rng_state(),
                 self.state_dict(), to_toml(self.cfg), self.cfg.train.checkpoints_total_limit)
         barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> Path:
+        checkpointing.check_optimizer_name(path, self.cfg.optim.name)
         optimizer = self.optimizer if self.ds is None else None
-        state, rng = checkpointing.load_checkpoint(path, self.text_encoder, optimizer)
+        state, rng = checkpointing.load_checkpoint(path, self.stage.weights, optimizer)
         if self.ds is not None:  # [deepspeed] scatter the whole per-parameter state into this rank's shard
             self.ds.load_full_optimizer_state(checkpointing.load_optimizer_state(path))
         self.load_state_dict(state, rng)
@@ -413,7 +436,7 @@ class Trainer:
         if self.evaluator is None or not (self.step % every == 0 or self.step == self.cfg.train.steps):
             return False
         if self.dist.is_main:
-            found, grid = self.evaluator(self.text_encoder)
+            found, grid = self.evaluator(*self.stage.evaluated())
             metrics.update(found)
             if self.tensorboard is not None:
                 self.tensorboard.image_grid("eval/original_vs_tuned", grid, self.step, rows=2)
@@ -515,8 +538,7 @@ class Trainer:
                     spike.check(self.step, metrics["loss"], self.last_prompts)
                 evaluated = self._evaluate(metrics)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or evaluated:
-                    metrics.update(embedding_monitor(self.text_encoder, self.original_encoder, self._tokenize,
-                                                     self.probe_prompts))
+                    metrics.update(self.stage.monitor(self._tokenize, self.probe_prompts))
                     self._log(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.4f}", s_step=f"{metrics['s_per_step']:.2f}")
@@ -529,13 +551,10 @@ class Trainer:
         bar.close()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
             last_ckpt = self.save()
-        final = self.output_dir / "text_encoder"
-        if self.dist.is_main:
-            from .models import export_text_encoder
-
-            export_text_encoder(self.text_encoder, final, layout="diffusers")
+        final = self.stage.export(self.output_dir, write=self.dist.is_main)
         summary = self._run_summary(first_step, time.perf_counter() - t_start)
-        return TrainResult(last_ckpt, final, self.output_dir, self.step, list(self.history), summary)
+        return TrainResult(last_ckpt, final.get("text_encoder"), self.output_dir, self.step, list(self.history),
+                           summary, unet=final.get("unet"))
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -545,7 +564,8 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Fine-tune the text encoder as `config` says; returns the checkpoint, final encoder and metrics."""
+    """Fine-tune the text encoder (or the UNet: train.stage) as `config` says; returns the checkpoint, the final
+    encoder and/or UNet, and the metrics."""
     trainer = Trainer(config)
     try:
         return trainer.train()

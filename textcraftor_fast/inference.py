@@ -98,14 +98,16 @@ GRID_NAME = "grid.png"
 
 def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_encoders: Sequence[str] = (),
              weights: Sequence[float] | None = None, opts: GenerateOptions = GenerateOptions(),
-             device: str = "auto", grid: bool = False) -> list[Path]:
+             device: str = "auto", grid: bool = False, unet: str | None = None) -> list[Path]:
     """Generate one PNG per prompt with the tuned encoder(s) mixed into the original; returns the paths.
 
-    Each PNG carries its settings as text chunks (`image_settings`); `grid` also writes all images on one
+    `unet`: a tuned UNet (UNet stage: a LoRA folder, a UNet folder or a run holding unet_lora/ or unet/) in place
+    of the model's, for every step. Each PNG carries its settings as text chunks (`image_settings`); `grid` also writes all images on one
     labelled contact sheet, `out_dir / GRID_NAME`.
     """
     from .loaders import load_components
     from .models import load_text_encoder
+    from .models.lora import load_unet
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -119,17 +121,19 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     schedule = make_schedule(comp.scheduler.config, opts.num_steps, timestep_spacing=opts.timestep_spacing)
     side = model.resolution // comp.vae_scale_factor
     shape = (comp.unet.config.in_channels, side, side)
-    images = generate_images(comp.unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
+    sampler_unet = load_unet(unet, comp.unet) if unet else comp.unet
+    images = generate_images(sampler_unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
                              tuned, weights, prompts, opts, shape, dev)
-    settings = [image_settings(model, prompt, i, opts, text_encoders, weights) for i, prompt in enumerate(prompts)]
+    settings = [image_settings(model, prompt, i, opts, text_encoders, weights, unet) for i, prompt in enumerate(prompts)]
     return _write_images(images, settings, Path(out_dir), grid)
 
 
 def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOptions,
-                   text_encoders: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+                   text_encoders: Sequence[str], weights: Sequence[float], unet: str | None = None) -> dict[str, Any]:
     """What a PNG records: enough to regenerate it alone (`--seed <seed>` with this one prompt)."""
     from . import __version__
 
+    tuned_unet = {"unet": str(Path(unet).resolve())} if unet else {}  # only when given: older PNGs read the same
     return {
         "prompt": prompt,
         "seed": opts.seed + index,
@@ -143,6 +147,7 @@ def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOp
         # The "original" encoder is this one when model.text_encoder_path replaced the model's own.
         "original_text_encoder": str(Path(model.text_encoder_path).resolve()) if model.text_encoder_path else "",
         "resolution": model.resolution,
+        **tuned_unet,
         "software": f"textcraftor_fast {__version__}",
     }
 

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CUDA_MARGIN = 0.10
 """Share of the device's total memory kept free by the default CUDA budget (allocator fragmentation,
 activation gradients in flight, the CUDA context's later growth)."""
-_STATE_BYTES_PER_PARAM = {"adamw": 8.0, "adamw8bit": 2.04}  # two fp32 moments; bitsandbytes' 8-bit pair
+_STATE_BYTES_PER_PARAM = {"adamw": 8.0, "adamw8bit": 2.04, "paged_adamw8bit": 2.04}  # two fp32 moments; bitsandbytes' 8-bit pair
 _GIB = 2 ** 30
 
 VaeMode = bool | str  # False (plain), True (one piece) or "blocks"

@@ -1,4 +1,5 @@
-"""Optimizers for the text encoder: torch AdamW (fused where the device supports it) or bitsandbytes 8-bit AdamW."""
+"""Optimizers for the text encoder: torch AdamW (fused where the device supports it) or bitsandbytes 8-bit AdamW
+(plain or paged)."""
 from __future__ import annotations
 
 import logging
@@ -31,14 +32,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
         logger.info("Optimizer: torch AdamW (fused), lr=%g, weight_decay=%g", cfg.lr, cfg.weight_decay)
         return opt
-    if cfg.name == "adamw8bit":
+    if cfg.name in _BNB_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("optim.name='adamw8bit' needs bitsandbytes: pip install 'textcraftor-fast[bnb]'") from None
-        logger.info("Optimizer: bitsandbytes AdamW8bit, lr=%g", cfg.lr)
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    raise ValueError(f"optim.name={cfg.name!r} is not one of 'adamw', 'adamw8bit'")
+            raise ImportError(f"optim.name={cfg.name!r} needs bitsandbytes >= 0.50 (8-bit optimizers on CPU too): "
+                              "pip install 'textcraftor-fast[bnb]'") from None
+        cls = getattr(bnb.optim, _BNB_OPTIMIZERS[cfg.name])
+        logger.info("Optimizer: bitsandbytes %s, lr=%g, weight_decay=%g", cls.__name__, cfg.lr, cfg.weight_decay)
+        return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    raise ValueError(f"optim.name={cfg.name!r} is not one of 'adamw', {', '.join(map(repr, _BNB_OPTIMIZERS))}")
+
+
+# optim.name -> bitsandbytes.optim class: both keep blockwise 8-bit moments (state1/state2 uint8 + absmax per
+# block of 256), saved by state_dict() as plain tensors, so checkpoints load with weights_only=True.
+_BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensor state the optimizer holds (moments, 8-bit code books and block scales; allocated at the
+    first step)."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
+               for v in state.values() if torch.is_tensor(v))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:

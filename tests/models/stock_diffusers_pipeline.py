@@ -6,7 +6,7 @@
 (a .pth import hook) is not active; only the SITE_DIRs (the venv's site-packages) are added. Nothing from
 textcraftor_fast may be imported here: the report records whether it could have been.
 
-Each job loads a pipeline one way, samples with a list of CPU generators seeded seed + i (diffusers then
+Each job loads a pipeline one way (then a UNet LoRA with `load_lora_weights` where the job names one), samples with a list of CPU generators seeded seed + i (diffusers then
 draws sample i's noise from generator i) and saves the (N, 3, H, W) images in [0, 1] as OUT_DIR/<name>.pt.
 """
 import json
@@ -15,8 +15,15 @@ from pathlib import Path
 
 
 def _load(job):
+    pipe = _load_pipeline(job)
+    if job.get("lora"):  # a UNet LoRA, loaded as a diffusers user loads one
+        pipe.load_lora_weights(job["lora"])
+    return pipe
+
+
+def _load_pipeline(job):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     dtype = torch.float32
@@ -26,6 +33,9 @@ def _load(job):
         encoder = CLIPTextModel.from_pretrained(job["text_encoder"], dtype=dtype)
         return StableDiffusionPipeline.from_pretrained(job["path"], text_encoder=encoder, safety_checker=None,
                                                        torch_dtype=dtype)
+    if job["load"] == "pretrained_with_unet":
+        unet = UNet2DConditionModel.from_pretrained(job["unet"], torch_dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(job["path"], unet=unet, safety_checker=None, torch_dtype=dtype)
     if job["load"] == "single_file":
         return StableDiffusionPipeline.from_single_file(job["path"], config=job["config"], safety_checker=None,
                                                         local_files_only=True, torch_dtype=dtype)

@@ -2,6 +2,7 @@
 evaluation during training (`core`)."""
 from __future__ import annotations
 
+from .entries import Tuned
 from .runner import EvalOptions, EvalResult, evaluate
 
-__all__ = ["EvalOptions", "EvalResult", "evaluate"]
+__all__ = ["EvalOptions", "EvalResult", "Tuned", "evaluate"]

@@ -21,13 +21,15 @@ EVAL_SEED0 = 1_000_000  # far from every training seed
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to condition the sampler: the original encoder (`encoder` None), or tuned encoder number
-    `encoder` mixed in at weight w (e = w * e_tuned + (1 - w) * e_original) from `switch_step` on."""
+    """One way to sample: the original encoder (`encoder` None), or tuned encoder number `encoder` mixed in at
+    weight w (e = w * e_tuned + (1 - w) * e_original) from `switch_step` on; with the base UNet (`unet` None) or
+    tuned UNet number `unet` at every step."""
 
     label: str
     encoder: int | None = None
     weight: float = 1.0
     switch_step: int = 0
+    unet: int | None = None
 
 
 def sample_set(prompts: list[str], seeds_per_prompt: int, seed0: int = EVAL_SEED0) -> tuple[list[str], list[int]]:

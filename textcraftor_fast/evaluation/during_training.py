@@ -1,5 +1,5 @@
-"""Evaluation during training (train.eval_every): the encoder being trained against the original, paired, on a
-few held-out prompts, with the same noise seeds at every evaluation so the curve moves only with the encoder.
+"""Evaluation during training (train.eval_every): the encoder (or UNet) being trained against the original, paired,
+on a few held-out prompts, with the same noise seeds at every evaluation so the curve moves only with the model.
 
 It draws no random numbers from the training generators (each sample's noise comes from its own seed), so a
 run with evaluation trains exactly as one without, and resumes bit for bit.
@@ -26,7 +26,8 @@ GRID_SAMPLES = 8
 
 
 class TrainingEvaluator:
-    """`evaluator(encoder)` -> ({'eval/<metric>': mean, 'eval/<metric>_diff': paired diff}, picture grid)."""
+    """`evaluator(encoder, unet)` -> ({'eval/<metric>': mean, 'eval/<metric>_diff': paired diff}, picture grid),
+    the differences against the original encoder with `unet` (the UNet before training)."""
 
     def __init__(self, cfg: TrainConfig, unet: nn.Module, vae: nn.Module, tokenizer, original: nn.Module,
                  schedule: DDIMSchedule, latent_shape: tuple[int, int, int], rewards) -> None:
@@ -43,7 +44,7 @@ class TrainingEvaluator:
                     cfg.data.eval_path)
 
     @torch.no_grad()
-    def _run(self, tuned: nn.Module | None) -> tuple[dict[str, Tensor], Tensor]:
+    def _run(self, tuned: nn.Module | None, unet: nn.Module) -> tuple[dict[str, Tensor], Tensor]:
         scores: dict[str, list[Tensor]] = {}
         shown = []
         bs = self.cfg.train.batch_size
@@ -51,7 +52,7 @@ class TrainingEvaluator:
             prompts, seeds = self.samples[start:start + bs], self.seeds[start:start + bs]
             frozen, mixed = conditioning(self.original, tuned, self.tokenizer, prompts, 1.0,
                                          self.cfg.sampler.train_uncond)
-            images = sample_images(self.unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
+            images = sample_images(unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
                                    self.cfg.sampler.guidance_scale, self.switch)
             for scorer in self.scorers:
                 for k, v in scorer(images, prompts).items():
@@ -60,16 +61,20 @@ class TrainingEvaluator:
                 shown.append(images[: GRID_SAMPLES - start].cpu())
         return {k: torch.cat(v) for k, v in scores.items()}, torch.cat(shown)
 
-    def __call__(self, encoder: nn.Module) -> tuple[dict[str, float], Tensor]:
-        """Metrics of `encoder` (left in the mode it came in) and a (2N, 3, H, W) grid: original row, tuned row."""
+    def __call__(self, encoder: nn.Module | None, unet: nn.Module | None = None) -> tuple[dict[str, float], Tensor]:
+        """Metrics of `encoder` (None: the original) with `unet` (None: the base UNet), each left in the mode it came
+        in, and a (2N, 3, H, W) grid: original row, tuned row."""
         if self._base is None:
-            self._base = self._run(None)
-        was_training = encoder.training
-        encoder.eval()
+            self._base = self._run(None, self.unet)
+        modules = [m for m in (encoder, unet) if m is not None]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
-            scores, images = self._run(encoder)
+            scores, images = self._run(encoder, unet if unet is not None else self.unet)
         finally:
-            encoder.train(was_training)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
         base_scores, base_images = self._base
         metrics: dict[str, float] = {}
         for name, values in scores.items():

@@ -18,10 +18,34 @@ def monotone_in_weight(points: list[dict], metric: str) -> bool | None:
     return is_monotone([p[metric]["mean"] for p in inside]) if len(inside) >= 3 else None
 
 
+def _overview(result: EvalResult) -> list[str]:
+    """One table of every evaluated model: mean per metric, and its paired difference to the original."""
+    names = list(result.table)
+    metrics = list(result.table[names[0]])
+    lines = ["| metric | original | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for m in metrics:
+        cells = [f"{result.table[n][m]['after']:.4f} ({_interval(result.table[n][m])})" for n in names]
+        lines.append(f"| {m} | {result.table[names[0]][m]['before']:.4f} | " + " | ".join(cells) + " |")
+    return lines + ["", "Each cell: mean (paired difference to the original [95% interval]).", ""]
+
+
+def _pair_section(label: str, table: dict) -> list[str]:
+    a, b = label.split(" vs ", 1)
+    lines = [f"### {label}", "", f"| metric | {b} | {a} | paired diff {a} - {b} [95% CI] |", "|---|---|---|---|"]
+    for metric, r in table.items():
+        lines.append(f"| {metric} | {r['before']:.4f} ± {r['before_hw']:.4f} | {r['after']:.4f} ± {r['after_hw']:.4f} "
+                     f"| {_interval(r)} |")
+    return lines + [""]
+
+
 def format_markdown(result: EvalResult, info: dict) -> str:
     lines = [f"Paired evaluation on `{info['prompts']}`: {info['n_prompts']} prompts x {info['seeds_per_prompt']} "
              f"seed(s) = {info['n_samples']} samples, DDIM {info['num_steps']} steps, CFG {info['guidance_scale']:g}, "
              f"tuned encoders from step {info['switch_step']}. Intervals: 95%, on paired per-sample differences.", ""]
+    if len(result.table) >= 2:
+        lines += _overview(result)
+    for label, table in result.pairs.items():
+        lines += _pair_section(label, table)
     for name, table in result.table.items():
         lines += [f"### {name} (`{info['encoders'][name]}`)", "",
                   f"| metric | original | {name} | paired diff [95% CI] |", "|---|---|---|---|"]
@@ -54,7 +78,8 @@ def write_csv(result: EvalResult, path: Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
-        for name, table in result.table.items():
+        # A compared pair's row reads as its own name ('a vs b'): 'original' is b and 'tuned' is a there.
+        for name, table in {**result.table, **result.pairs}.items():
             for metric, r in table.items():
                 w.writerow([name, metric, r["n"], r["before"], r["before_hw"], r["after"], r["after_hw"],
                             r["diff"], r["lo"], r["hi"]])
@@ -98,7 +123,7 @@ def write_all(result: EvalResult, info: dict, grid_prompts: list[str], names: li
     monotone = {name: {m: monotone_in_weight(c["weight"], m) for m in result.table[name]}
                 for name, c in result.curves.items()}
     files["json"].write_text(json.dumps({**info, "table": result.table, "curves": result.curves,
-                                         "monotone_in_weight": monotone}, indent=2) + "\n")
+                                         "monotone_in_weight": monotone, "pairs": result.pairs}, indent=2) + "\n")
     for key, maker in (("grid", lambda p: _save_grid(result, grid_prompts, names, p)),
                        ("weight_curve", lambda p: _save_curves(result, "weight", p)),
                        ("switch_curve", lambda p: _save_curves(result, "switch_step", p))):

@@ -17,3 +17,5 @@ class EvalResult:
     scores: dict[str, dict[str, Tensor]] = field(repr=False)
     """variant label -> metric -> per-sample scores (N,)."""
     files: dict[str, Path] = field(default_factory=dict)
+    pairs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """'a vs b' (EvalOptions.compare) -> metric -> b's ('before') and a's ('after') means and the paired a - b."""

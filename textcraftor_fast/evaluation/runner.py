@@ -1,6 +1,8 @@
-"""`evaluate`: is a tuned text encoder better than the original, on these prompts, by how much, how surely?
+"""`evaluate`: is a tuned text encoder (or UNet, or both) better than the original, on these prompts, by how much,
+how surely?
 
-For the original encoder and every tuned one, every configured reward (and, on the tiny world, the judge's
+For the original model and every tuned one (a tuned text encoder and/or a tuned UNet: entries.Tuned), every
+configured reward (and, on the tiny world, the judge's
 accuracy per attribute) on a prompt set with paired seeds; the table holds means, paired differences and
 95% intervals. Beside it: the interpolation curve (w = 0 ... 1) and the switch-step curve of each tuned
 encoder, and a grid of pictures (prompts x encoders). Finished batches are cached on disk, so a killed
@@ -8,6 +10,11 @@ evaluation restarts where it stopped and gives the same table.
 
     result = evaluate(load_config("configs/sd15.toml"), ["outputs/run/text_encoder"], "outputs/eval",
                       EvalOptions(prompts="builtin:parti", max_prompts=200, seeds_per_prompt=2))
+    evaluate(cfg, [Tuned.from_folder("outputs/enc"), Tuned.from_folder("outputs/unet"),
+                   Tuned.from_folder("outputs/both")], "outputs/eval", EvalOptions(compare=(("both", "enc"),)))
+
+Entries with a tuned UNet use it at every step of every variant (curves included); the interpolation and
+switch-step curves move the text encoder alone, so an entry without one has none.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from ..config import TrainConfig
 from . import report
 from .cache import ScoreCache, fingerprint, weights_fingerprint
 from .core import EVAL_SEED0, Variant, conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
+from .entries import Tuned, as_tuned
 from .prompts import eval_prompts, is_tiny_world_set
 from .result import EvalResult
 from .stats import compare_paired, mean_ci, paired_diff
@@ -60,6 +68,8 @@ class EvalOptions:
     """Rows of the picture grid: the first N prompts at their first seed."""
     device: str = "auto"
     progress: bool = True
+    compare: tuple[tuple[str, str], ...] = ()
+    """Extra paired comparisons (a, b) between evaluated models: a - b per sample, e.g. ('both', 'encoder')."""
 
     def __post_init__(self) -> None:
         for key, low in (("seeds_per_prompt", 1), ("batch_size", 1), ("grid_prompts", 0)):
@@ -81,12 +91,17 @@ def encoder_name(path: str) -> str:
     return p.parent.name if p.name in ("text_encoder", "") and p.parent.name else p.stem or str(p)
 
 
+def _entry_name(entry: str | Tuned) -> str:
+    return entry.label if isinstance(entry, Tuned) else encoder_name(str(entry))
+
+
 class _Evaluation:
     """The loaded models and settings of one evaluation, and the sampling/scoring of one variant."""
 
-    def __init__(self, config: TrainConfig, text_encoders: Sequence[str], out_dir: Path, opts: EvalOptions):
+    def __init__(self, config: TrainConfig, entries: Sequence[Tuned], out_dir: Path, opts: EvalOptions):
         from ..loaders import load_components
         from ..models import load_text_encoder
+        from ..models.lora import load_unet
         from ..rewards import build_rewards
         from ..sampler import make_schedule
 
@@ -97,8 +112,10 @@ class _Evaluation:
         self.unet = comp.unet.to(self.device).eval()
         self.vae = comp.vae.to(self.device).eval()
         self.original = comp.text_encoder.to(self.device).eval()
-        self.tuned = [load_text_encoder(p, config=comp.text_encoder.config).to(self.device).eval()
-                      for p in text_encoders]
+        # Per entry: its tuned encoder and its tuned UNet (a LoRA merged into a copy of the base), or None.
+        self.tuned = [load_text_encoder(e.text_encoder, config=comp.text_encoder.config).to(self.device).eval()
+                      if e.text_encoder else None for e in entries]
+        self.unets = [load_unet(e.unet, comp.unet).to(self.device).eval() if e.unet else None for e in entries]
         s = config.sampler
         self.num_steps = opts.num_steps or s.num_steps
         self.guidance = opts.guidance_scale if opts.guidance_scale is not None else s.guidance_scale
@@ -116,7 +133,8 @@ class _Evaluation:
         self.cache = ScoreCache(out_dir / "cache")
         # Keyed by weights, not paths: a retrained encoder at the same path is a new key, and adding an
         # encoder to an evaluation reuses every batch already scored for the others.
-        self._hashes = [weights_fingerprint(e) for e in self.tuned]
+        self._hashes = [weights_fingerprint(e) if e is not None else None for e in self.tuned]
+        self._unet_hashes = [weights_fingerprint(u) if u is not None else None for u in self.unets]
         self._base_key = {"version": CACHE_VERSION, "model": dataclasses.asdict(config.model),
                           "rewards": [dataclasses.asdict(r) for r in config.rewards],
                           "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
@@ -126,10 +144,12 @@ class _Evaluation:
         self._memo: dict[str, dict[str, Tensor]] = {}
 
     def variant_key(self, v: Variant) -> str:
+        # A base-UNet variant's key is what it was before tuned UNets existed: caches stay valid.
+        unet = {} if v.unet is None else {"unet": self._unet_hashes[v.unet]}
         if v.encoder is None:  # the original encoder: weight and switch step do not apply
-            return fingerprint({**self._base_key, "encoder": None})
+            return fingerprint({**self._base_key, "encoder": None, **unet})
         return fingerprint({**self._base_key, "encoder": self._hashes[v.encoder], "w": v.weight,
-                            "switch": v.switch_step})
+                            "switch": v.switch_step, **unet})
 
     def batches(self) -> range:
         return range(0, len(self.samples), self.opts.batch_size)
@@ -141,7 +161,8 @@ class _Evaluation:
         tuned = self.tuned[v.encoder] if v.encoder is not None else None
         frozen, mixed = conditioning(self.original, tuned, self.comp.tokenizer, prompts, v.weight,
                                      self.config.sampler.train_uncond)
-        images = sample_images(self.unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
+        unet = self.unets[v.unet] if v.unet is not None else self.unet
+        images = sample_images(unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
                                self.guidance, v.switch_step)
         scores: dict[str, Tensor] = {}
         for scorer in self.scorers:
@@ -173,7 +194,8 @@ class _Evaluation:
 
 def _variants(ev: _Evaluation, names: list[str]) -> tuple[list[Variant], dict[str, list[Variant]],
                                                            dict[str, list[Variant]]]:
-    """(main variants: original + each tuned encoder as used; w-curve and switch-curve variants per encoder)."""
+    """(main variants: original + each tuned model as used; w-curve and switch-curve variants per model with a
+    tuned encoder, with that model's UNet)."""
     opts, n = ev.opts, ev.num_steps
     switches = opts.switch_steps if opts.switch_steps is not None else tuple(sorted({0, n // 4, n // 2, 3 * n // 4}))
     bad = [s for s in switches if not 0 <= s < n]
@@ -182,11 +204,14 @@ def _variants(ev: _Evaluation, names: list[str]) -> tuple[list[Variant], dict[st
     if any(w > 1 or w < 0 for w in opts.weights):
         logger.warning("interpolation weights %s go outside [0, 1]: extrapolating past the tuned (or original) "
                        "embedding, where nothing was trained", [w for w in opts.weights if w > 1 or w < 0])
-    main = [Variant("original")] + [Variant(name, i, 1.0, ev.switch) for i, name in enumerate(names)]
-    w_curves = {name: [Variant(f"{name} w={w:g}", i, w, ev.switch) for w in sorted(opts.weights)]
-                for i, name in enumerate(names)}
-    s_curves = {name: [Variant(f"{name} switch={s}", i, 1.0, s) for s in sorted(switches)]
-                for i, name in enumerate(names)}
+    parts = [(i if ev.tuned[i] is not None else None, i if ev.unets[i] is not None else None)
+             for i in range(len(names))]
+    main = [Variant("original")] + [Variant(name, enc, 1.0, ev.switch, unet) for name, (enc, unet) in zip(names, parts)]
+    with_encoder = [(name, enc, unet) for name, (enc, unet) in zip(names, parts) if enc is not None]
+    w_curves = {name: [Variant(f"{name} w={w:g}", enc, w, ev.switch, unet) for w in sorted(opts.weights)]
+                for name, enc, unet in with_encoder}
+    s_curves = {name: [Variant(f"{name} switch={s}", enc, 1.0, s, unet) for s in sorted(switches)]
+                for name, enc, unet in with_encoder}
     return main, w_curves, s_curves
 
 
@@ -203,20 +228,26 @@ def _curve_points(variants: list[Variant], scores: dict[str, dict[str, Tensor]],
     return points
 
 
-def evaluate(config: TrainConfig, text_encoders: Sequence[str] = (), out_dir: str | Path = "outputs/evaluate",
+def evaluate(config: TrainConfig, text_encoders: Sequence[str | Tuned] = (), out_dir: str | Path = "outputs/evaluate",
              options: EvalOptions = EvalOptions(), names: Sequence[str] | None = None) -> EvalResult:
-    """Paired evaluation of the original encoder and each tuned one (a text_encoder folder, a run folder
-    holding text_encoder/, a checkpoint's encoder or one .safetensors) on `options.prompts`; writes
-    table.md/.csv/.json, grid.png and the curves under `out_dir` (and its resumable cache) and returns them."""
+    """Paired evaluation of the original model and each tuned one on `options.prompts`: an entry is a tuned text
+    encoder (a path: a text_encoder folder, a run folder holding text_encoder/, a checkpoint's encoder or one
+    .safetensors) or a `Tuned` (a tuned encoder and/or a tuned UNet); writes table.md/.csv/.json, grid.png and the
+    curves under `out_dir` (and its resumable cache) and returns them."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(names) if names else [encoder_name(p) for p in text_encoders]
+    names = list(names) if names else [_entry_name(e) for e in text_encoders]
     if len(names) != len(text_encoders) or len(set(names) | {"original"}) != len(names) + 1:
         raise ValueError(f"need one distinct name per tuned encoder (and none called 'original'); got {names} "
                          f"for {len(text_encoders)} encoders: pass --name for each")
-    ev = _Evaluation(config, text_encoders, out, options)
+    unknown = [n for pair in options.compare for n in pair if n not in names and n != "original"]
+    if unknown or any(len(pair) != 2 for pair in options.compare):
+        raise ValueError(f"compare: each pair names two evaluated models ({', '.join(['original', *names])}); "
+                         f"got {list(options.compare)}")
+    entries = [as_tuned(e) for e in text_encoders]
+    ev = _Evaluation(config, entries, out, options)
     main, w_curves, s_curves = _variants(ev, names)
     every = main + [v for vs in (*w_curves.values(), *s_curves.values()) for v in vs]
     cached_before = ev.cache.count()
@@ -229,12 +260,14 @@ def evaluate(config: TrainConfig, text_encoders: Sequence[str] = (), out_dir: st
     base = scores["original"]
     metrics = [k for k in base if k != "images"]
     table = {name: compare_paired(base, scores[name], metrics) for name in names}
-    curves = {name: {"weight": _curve_points(w_curves[name], scores, base, metrics, "weight"),
-                     "switch_step": _curve_points(s_curves[name], scores, base, metrics, "switch_step")}
+    curves = {name: {"weight": _curve_points(w_curves.get(name, []), scores, base, metrics, "weight"),
+                     "switch_step": _curve_points(s_curves.get(name, []), scores, base, metrics, "switch_step")}
               for name in names}
-    result = EvalResult(out, table, curves, scores)
+    pairs = {f"{a} vs {b}": compare_paired(scores[b], scores[a], metrics) for a, b in options.compare}
+    result = EvalResult(out, table, curves, scores, pairs=pairs)
+    described = [e.describe() if isinstance(e, Tuned) else str(e) for e in text_encoders]
     info = {"prompts": options.prompts, "n_prompts": len(ev.prompts), "seeds_per_prompt": options.seeds_per_prompt,
             "n_samples": len(ev.samples), "num_steps": ev.num_steps, "guidance_scale": ev.guidance,
-            "switch_step": ev.switch, "seed0": options.seed0, "encoders": dict(zip(names, map(str, text_encoders)))}
+            "switch_step": ev.switch, "seed0": options.seed0, "encoders": dict(zip(names, described))}
     result.files = report.write_all(result, info, [ev.prompts[i] for i in range(ev.grid_n)], names)
     return result

@@ -1,14 +1,19 @@
-"""Writing components: a diffusers folder, the original SD1.5 single-file layout, or just the text encoder.
+"""Writing components: a diffusers folder, the original SD1.5 single-file layout, or just the tuned parts.
 
-`export_tuned` is the one entry point for a tuned encoder; what each layout holds and what loads it:
+`export_tuned` is the one entry point for a tuned text encoder and/or a tuned UNet (UNet stage: a LoRA-adapted
+or fully tuned UNet; a LoRA is merged into the weights for every layout but "lora"). What each layout holds and
+what loads it:
 
-    layout="diffusers"            text_encoder/ folder: CLIPTextModel.from_pretrained(out), to pass as
-                                  StableDiffusionPipeline.from_pretrained(base, text_encoder=...)
-    layout="pipeline"             whole diffusers folder (base UNet/VAE/tokenizer/scheduler + tuned encoder):
+    layout="diffusers"            the tuned component's folder: a text_encoder/ folder (CLIPTextModel.from_pretrained,
+                                  to pass as StableDiffusionPipeline.from_pretrained(base, text_encoder=...)) or a
+                                  merged unet/ folder (UNet2DConditionModel.from_pretrained, passed as unet=...)
+    layout="lora"                 the UNet's LoRA in diffusers' format: pipe.load_lora_weights(out)
+    layout="pipeline"             whole diffusers folder (base parts + the tuned encoder and/or merged UNet):
                                   StableDiffusionPipeline.from_pretrained(out)
-    layout="single_file"          .safetensors of `cond_stage_model.transformer.text_model.*` only, to merge
-                                  into an original SD1.5 checkpoint
-    layout="single_file", full    the whole original-layout checkpoint (base UNet/VAE + tuned encoder):
+    layout="single_file"          .safetensors of the tuned parts' keys only (`cond_stage_model.transformer.
+                                  text_model.*` and/or `model.diffusion_model.*`), to merge into an original
+                                  SD1.5 checkpoint
+    layout="single_file", full    the whole original-layout checkpoint (base parts + the tuned ones):
                                   StableDiffusionPipeline.from_single_file(out, config=<base folder>)
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from . import keymap
+from .tensors import to_saveable
 from .components import SDComponents
 
 if TYPE_CHECKING:
@@ -31,8 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Layout = Literal["diffusers", "pipeline", "single_file"]
-LAYOUTS: tuple[str, ...] = ("diffusers", "pipeline", "single_file")
+Layout = Literal["diffusers", "pipeline", "single_file", "lora"]
+LAYOUTS: tuple[str, ...] = ("diffusers", "pipeline", "single_file", "lora")
 
 
 def _model_index(comp: SDComponents) -> dict:
@@ -94,24 +100,13 @@ def save_text_encoder_folder(text_encoder: CLIPTextModel, folder: Path, dtype: t
     return folder
 
 
-def _to_saveable(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    # safetensors needs contiguous CPU tensors that do not share storage: clone cuts views (e.g. the 1x1 VAE convs).
-    out = {}
-    for key, value in state_dict.items():
-        value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        out[key] = value.contiguous().clone()
-    return out
-
-
 def _save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
     from safetensors.torch import save_file
 
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"output '{path}' must end in .safetensors for the single-file layout")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_to_saveable(state_dict, dtype), str(path), metadata={"format": "pt"})
+    save_file(to_saveable(state_dict, dtype), str(path), metadata={"format": "pt"})
     return path
 
 
@@ -120,9 +115,14 @@ def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
     return keymap.diffusers_to_ldm_clip(text_encoder.state_dict(), text_encoder.config.max_position_embeddings)
 
 
+def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A (plain, merged) UNet's state dict under `model.diffusion_model.*` (original layout)."""
+    return keymap.diffusers_to_ldm_unet(unet.state_dict(), unet.config.layers_per_block)
+
+
 def to_single_file_state_dict(comp: SDComponents) -> dict[str, torch.Tensor]:
     """UNet + VAE + text encoder in the original SD1.5 single-file key layout."""
-    sd = keymap.diffusers_to_ldm_unet(comp.unet.state_dict(), comp.unet.config.layers_per_block)
+    sd = unet_to_ldm(comp.unet)
     sd.update(keymap.diffusers_to_ldm_vae(comp.vae.state_dict(), len(comp.vae.config.up_block_types)))
     sd.update(text_encoder_to_ldm(comp.text_encoder))
     return sd
@@ -177,38 +177,79 @@ def _with_spacing(scheduler, timestep_spacing: str | None):
     return type(scheduler).from_config(scheduler.config, timestep_spacing=timestep_spacing)
 
 
-def check_layout(layout: str, full: bool = False) -> None:
-    """Raise ValueError for an unknown layout or `full` with a layout it does not apply to (before any loading)."""
+
+
+def check_layout(layout: str, full: bool = False, text_encoder: bool = True, unet: bool = False) -> None:
+    """Raise ValueError for an unknown layout, `full` with a layout it does not apply to, or tuned parts (`text_encoder`,
+    `unet`: which are given) that the layout cannot write (before any loading)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
     if full and layout != "single_file":
-        what = "already writes every component" if layout == "pipeline" else \
-            "writes the text encoder alone (layout 'pipeline' writes a whole diffusers folder)"
+        what = {"pipeline": "already writes every component", "lora": "writes the UNet's LoRA alone"}.get(layout, (
+            f"writes the {'text encoder' if text_encoder else 'merged UNet'} alone (layout 'pipeline' writes a whole "
+            "diffusers folder)"))
         raise ValueError(f"--full (full=True) writes the whole single-file checkpoint and applies to layout "
                          f"'single_file' only; layout '{layout}' {what}")
+    if not (text_encoder or unet):
+        raise ValueError("nothing to export: give a tuned text encoder (--text-encoder) and/or a tuned UNet (--unet)")
+    if layout == "lora" and (text_encoder or not unet):
+        raise ValueError("layout 'lora' writes a UNet LoRA alone: give --unet (a LoRA folder or a UNet-stage run) and "
+                         "no --text-encoder (export the encoder with layout 'diffusers', or both with 'pipeline')")
+    if layout == "diffusers" and text_encoder and unet:
+        raise ValueError("layout 'diffusers' writes one component's folder, and both a text encoder and a UNet were "
+                         "given: use layout 'pipeline' (a whole folder) or 'single_file', or export each on its own")
 
 
-def export_tuned(base: SDComponents, text_encoder: CLIPTextModel, out_path: str | Path, layout: Layout = "diffusers",
-                 full: bool = False, dtype: torch.dtype | None = None,
-                 timestep_spacing: str | None = None) -> Path:
-    """Export a tuned text encoder in `layout` (what loads each: the module docstring); returns `out_path`.
+def save_unet_folder(unet: torch.nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers UNet folder of a plain (merged) UNet: UNet2DConditionModel.from_pretrained(folder)."""
+    _cast_copy(unet, dtype).save_pretrained(folder)
+    logger.info("Saved the UNet folder %s", folder)
+    return Path(folder)
+
+
+def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | None, out_path: str | Path,
+                 layout: Layout = "diffusers", full: bool = False, dtype: torch.dtype | None = None,
+                 timestep_spacing: str | None = None, unet: torch.nn.Module | None = None) -> Path:
+    """Export a tuned text encoder and/or a tuned `unet` (LoRA-adapted or plain) in `layout` (what loads each: the
+    module docstring); returns `out_path`.
 
     `base` supplies the rest of the whole-model layouts ("pipeline"; "single_file" with `full`): its UNet, VAE,
-    tokenizer and scheduler. `timestep_spacing` goes into the pipeline's scheduler config so that stock
+    text encoder, tokenizer and scheduler where no tuned one is given. `timestep_spacing` goes into the pipeline's scheduler config so that stock
     diffusers samples the timesteps our `generate` does (sampler.timestep_spacing): SD1.5's own scheduler
     config means 'leading' (751, 501, 251, 1 for 4 steps) where the sampler uses 'trailing' (999, 749, 499, 249).
     `dtype` (e.g. torch.float16) casts every written floating tensor.
     """
-    check_layout(layout, full)
+    check_layout(layout, full, text_encoder is not None, unet is not None)
     out_path = Path(out_path)
-    if layout == "pipeline":
-        _check_fits(base, text_encoder)
+    if layout == "lora":
+        from .lora import has_lora, save_lora
+
+        if not has_lora(unet):
+            raise ValueError("layout 'lora' needs a LoRA-adapted UNet; this one has no LoRA (a full fine-tune): "
+                             "export it with layout 'diffusers', 'pipeline' or 'single_file'")
         _require_folder_name(out_path, layout)
-        save_components(dataclasses.replace(base, text_encoder=text_encoder,
-                                            scheduler=_with_spacing(base.scheduler, timestep_spacing)), out_path, dtype)
-    elif full:
+        return save_lora(unet, out_path, dtype)
+    if unet is not None:
+        from .lora import merged_unet
+
+        unet = merged_unet(unet)
+    if text_encoder is not None and (layout == "pipeline" or full):
         _check_fits(base, text_encoder)
-        save_single_file(dataclasses.replace(base, text_encoder=text_encoder), out_path, dtype)
-    else:
+    tuned = dataclasses.replace(base, text_encoder=base.text_encoder if text_encoder is None else text_encoder,
+                                unet=base.unet if unet is None else unet)
+    if layout == "pipeline":
+        _require_folder_name(out_path, layout)
+        save_components(dataclasses.replace(tuned, scheduler=_with_spacing(base.scheduler, timestep_spacing)),
+                        out_path, dtype)
+    elif full:
+        save_single_file(tuned, out_path, dtype)
+    elif unet is None:
         export_text_encoder(text_encoder, out_path, layout, dtype)
+    elif layout == "single_file":
+        parts = {**(text_encoder_to_ldm(text_encoder) if text_encoder is not None else {}), **unet_to_ldm(unet)}
+        _save_safetensors(parts, out_path, dtype)
+        logger.info("Exported the tuned parts (single-file keys) to %s", out_path)
+    else:
+        _require_folder_name(out_path, layout)
+        save_unet_folder(unet, out_path, dtype)
     return out_path

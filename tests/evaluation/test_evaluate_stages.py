@@ -1,0 +1,99 @@
+"""`evaluate` with tuned UNets (the UNet stage): base, encoder-only, UNet-only and both stages in one paired table;
+each entry samples with its own UNet and encoder and nothing else, and `compare` gives the paired difference
+between two entries."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textcraftor_fast import cli
+from textcraftor_fast.config import load_config
+from textcraftor_fast.evaluation import EvalOptions, Tuned, evaluate
+from textcraftor_fast.evaluation.core import conditioning, sample_set
+from textcraftor_fast.evaluation.stats import paired_diff
+from textcraftor_fast.models import export_text_encoder
+from textcraftor_fast.models.lora import merged_unet, save_lora
+
+FAST = dict(prompts="builtin:tiny_world", max_prompts=2, seeds_per_prompt=1, batch_size=2, grid_prompts=2,
+            progress=False, switch_steps=())
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("builtin:tiny")
+
+
+@pytest.fixture(scope="module")
+def runs(tuned_tiny_world_encoder, tuned_tiny_world_lora, tmp_path_factory):
+    """Run folders as the two stages leave them: enc/ (text_encoder/), unet_only/ (unet_lora/), both/ (both)."""
+    root = tmp_path_factory.mktemp("runs")
+    export_text_encoder(tuned_tiny_world_encoder, root / "enc" / "text_encoder")
+    save_lora(tuned_tiny_world_lora, root / "unet_only" / "unet_lora")
+    export_text_encoder(tuned_tiny_world_encoder, root / "both" / "text_encoder")
+    save_lora(tuned_tiny_world_lora, root / "both" / "unet_lora")
+    return root
+
+
+@pytest.fixture(scope="module")
+def result(cfg, runs, tmp_path_factory):
+    entries = [Tuned.from_folder(runs / name) for name in ("enc", "unet_only", "both")]
+    return evaluate(cfg, entries, tmp_path_factory.mktemp("eval"),
+                    EvalOptions(**FAST, weights=(0.0, 1.0), compare=(("both", "enc"),)))
+
+
+def test_run_folders_are_read_as_what_they_hold(runs):
+    assert Tuned.from_folder(runs / "enc") == Tuned(str(runs / "enc" / "text_encoder"), None, "enc")
+    assert Tuned.from_folder(runs / "unet_only") == Tuned(None, str(runs / "unet_only" / "unet_lora"), "unet_only")
+    assert Tuned.from_folder(runs / "unet_only" / "unet_lora").label == "unet_only"
+    with pytest.raises(FileNotFoundError, match="holds neither a text encoder"):
+        Tuned.from_folder(runs)
+
+
+def test_each_entry_samples_with_its_own_unet_and_encoder(cfg, runs, result, tiny_world, tuned_tiny_world_lora,
+                                                          tuned_tiny_world_encoder, tmp_path):
+    s = result.scores
+    # The encoder-only entry is what evaluate always measured for an encoder path: same per-sample scores.
+    alone = evaluate(cfg, [str(runs / "enc" / "text_encoder")], tmp_path, EvalOptions(**FAST, weights=()))
+    for metric in alone.scores["enc"]:
+        assert torch.equal(s["enc"][metric], alone.scores["enc"][metric]), metric
+    # At w = 0 the both-stages entry is the original encoder with the tuned UNet: the UNet-only entry exactly.
+    for metric in s["original"]:
+        assert torch.equal(s["both w=0"][metric], s["unet_only"][metric]), metric
+        assert torch.equal(s["both w=1"][metric], s["both"][metric]), metric
+    assert not torch.equal(s["unet_only"]["reward"], s["original"]["reward"])
+    # The pictures of the UNet-only entry are the merged LoRA's, conditioned by the original encoder.
+    from textcraftor_fast.evaluation.core import sample_images
+    from textcraftor_fast.sampler import make_schedule
+
+    from textcraftor_fast.evaluation.prompts import eval_prompts
+
+    prompts, seeds = sample_set(eval_prompts("builtin:tiny_world", max_prompts=2), 1)  # the grid's samples
+    schedule = make_schedule(tiny_world.scheduler.config, cfg.sampler.num_steps, 0.0, cfg.sampler.timestep_spacing)
+    frozen, _ = conditioning(tiny_world.text_encoder, None, tiny_world.tokenizer, prompts, 1.0, False)
+    want = sample_images(merged_unet(tuned_tiny_world_lora), tiny_world.vae, schedule, seeds, (4, 16, 16), frozen, None,
+                         cfg.sampler.guidance_scale, 0)
+    assert torch.equal(s["unet_only"]["images"], (want * 255).round().to(torch.uint8))
+
+
+def test_one_table_and_the_paired_comparison_between_entries(result):
+    assert set(result.table) == {"enc", "unet_only", "both"}
+    assert result.curves["unet_only"] == {"weight": [], "switch_step": []}  # no tuned encoder to interpolate
+    row = result.pairs["both vs enc"]["reward"]
+    s = result.scores
+    assert row["diff"] == pytest.approx(paired_diff(s["both"]["reward"], s["enc"]["reward"])["diff"], abs=1e-12)
+    assert row["before"] == pytest.approx(float(s["enc"]["reward"].mean()))
+    md = result.files["markdown"].read_text()
+    assert "| metric | original | enc | unet_only | both |" in md and "### both vs enc" in md
+    assert "| metric | enc | both | paired diff both - enc [95% CI] |" in md
+    assert any(line.startswith("both vs enc,reward,") for line in result.files["csv"].read_text().splitlines())
+
+
+def test_cli_takes_models_in_order_and_refuses_unknown_comparisons(runs, tmp_path, capsys):
+    base = ["evaluate", "--config", "builtin:tiny", "--max-prompts", "2", "--weights", "none", "--switch-steps", "none",
+            "--text-encoder", str(runs / "enc" / "text_encoder"), "--model", str(runs / "unet_only"),
+            "--name", "E", "--name", "U", "--out", str(tmp_path)]
+    assert cli.main(base + ["--compare", "U:E"]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | original | E | U |" in out and "### U vs E" in out
+    assert cli.main(base + ["--compare", "U:X"]) == 2
+    assert "compare: each pair names two evaluated models (original, E, U)" in capsys.readouterr().err
