@@ -9,7 +9,7 @@ its design was chosen. The judge (a reward model of the world, not a generator) 
 combination, like a real reward model trained on its own data.
 
 Each image is drawn at 4x and box-downsampled (anti-aliased edges); position jitter and size jitter make
-the distribution continuous, so a 1M-parameter UNet cannot just memorise 108 pictures.
+the distribution continuous, so a 1M-parameter UNet cannot just memorise 216 pictures.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def weights_dir(folder: str | Path | None = None) -> Path:
                if not (path / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"tiny world folder '{path}' lacks {', '.join(missing)}/: build it with "
-                                f"`python -m textcraftor_fast.tiny.build --out {path}` (about 15 minutes on 2 cores)")
+                                f"`python -m textcraftor_fast.tiny.build --out {path}` (20-40 minutes on 2 cores)")
     return path
 
 
