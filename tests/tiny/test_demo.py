@@ -63,9 +63,9 @@ def test_splits_are_disjoint_held_out_pairs():
     test = {(c.colour, c.shape) for c in D.test_captions()}
     val = {(c.colour, c.shape) for c in D.validation_captions()}
     train = {(c.colour, c.shape) for c in D.train_captions()}
-    assert len(test) == 3 and len(val) == 3 and len(train) == 12
-    # one pair of every shape in each split: a trade between shapes cannot pass for a gain on validation
-    assert sorted(s for _, s in test) == sorted(s for _, s in val) == sorted(D.SHAPES)
+    assert len(test) == 6 and len(val) == 6 and len(train) == 24
+    # two pairs of every shape in each split: a trade between shapes cannot pass for a gain on validation
+    assert sorted(s for _, s in test) == sorted(s for _, s in val) == sorted(D.SHAPES * 2)
     assert not (test & val) and not (test & train) and not (val & train)
 
 
@@ -77,7 +77,7 @@ def test_quick_demo_runs_from_outside_the_repository(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the verdict is printed, flagged as a smoke test's
-    assert "--quick: 3 fine-tuning steps and 18 samples" in proc.stdout
+    assert "--quick: 3 fine-tuning steps and 36 samples" in proc.stdout
     for name in ("grid.png", "reward_curve.png", "report.md", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "report.json").read_text())
@@ -87,8 +87,9 @@ def test_quick_demo_runs_from_outside_the_repository(tmp_path):
         _check_table(arm["table"])
         assert arm["steps"] == 3 and set(arm["verdict"]) >= {"passed", "target_improved", "others_held"}
         assert 0 < arm["drift"] < 1
-        assert {p: e["n"] for p, e in arm["pairs"].items()} == {"red circle": 6, "green square": 6,
-                                                                 "blue triangle": 6}
+        assert {p: e["n"] for p, e in arm["pairs"].items()} == {
+            "red circle": 6, "cyan circle": 6, "green square": 6, "pink square": 6, "blue triangle": 6,
+            "lime triangle": 6}
     assert "| tuned | red circle | 6 |" in (out / "report.md").read_text()
     lines = (out / "tuned" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all({"reward", "emb_cos", "drift"} <= set(json.loads(x)) for x in lines)
