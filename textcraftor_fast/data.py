@@ -159,7 +159,10 @@ def open_prompts(source: str, field: str = "prompt", max_prompts: int | None = N
     path = Path(source)
     if cache_dir is None or source in BUILTIN or path.suffix.lower() != ".parquet" or not path.is_file():
         return load_prompts(source, field, max_prompts, on_bad_line)
-    import pyarrow as pa
+    try:
+        import pyarrow as pa
+    except ImportError:  # load_prompts says which extra to install
+        return load_prompts(source, field, max_prompts, on_bad_line)
 
     stat = path.stat()
     key = hashlib.sha256(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, field, max_prompts,
