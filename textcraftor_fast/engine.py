@@ -167,8 +167,11 @@ class Trainer:
         self.original_encoder = self.stage.original_encoder
         self.vae = freeze(comp.vae).to(self.device, **cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
-        self.ops_counts = apply_ops({"unet": self.unet, "vae": self.vae}, cfg.ops.backend, self.device,
-                                    cfg.ops.attention)
+        swapped = {"unet": self.unet, "vae": self.vae}
+        if cfg.train.stage == "unet" and cfg.unet.method == "full" and self.stage.base_unet is not None:
+            # the frozen copy evaluation compares against gets the same ops, or base and tuned differ from step 0
+            swapped["base_unet"] = self.stage.base_unet
+        self.ops_counts = apply_ops(swapped, cfg.ops.backend, self.device, cfg.ops.attention)
         self.fused_step = resolve_backend(cfg.ops.backend, self.device) == "cpp"  # native CFG-DDIM step
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
