@@ -68,3 +68,18 @@ def tuned_tiny_world_lora(tiny_world):
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return unet.eval().requires_grad_(False)
+
+
+def _file_minutes(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("slow")
+    return 0.0 if marker is None else float(marker.kwargs.get("minutes", 1))
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first. `make test` runs pytest-xdist with `--dist loadfile`: each worker takes the next whole
+    file in collection order, so a long file collected last (tests/tiny sorts late) would run alone after
+    everything else and set the suite's wall time. Items stay together and in order within their file."""
+    minutes: dict = {}
+    for item in items:
+        minutes[item.path] = max(minutes.get(item.path, 0.0), _file_minutes(item))
+    items.sort(key=lambda item: -minutes[item.path])  # stable: ties keep pytest's order

@@ -114,7 +114,7 @@ def _check_two_rank_runs(out: Path, reference: dict) -> None:
         assert losses == pytest.approx(reference["losses"][:2], abs=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)  # the file: two-rank torchrun and deepspeed launches
 def test_torchrun_zero_0_1_2_equal_one_process_with_the_same_global_batch(torchrun_runs, reference):
     _check_two_rank_runs(torchrun_runs, reference)
 

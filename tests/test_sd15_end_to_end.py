@@ -23,7 +23,7 @@ def sd15_file(tmp_path_factory):
     return save_single_file(comp, tmp_path_factory.mktemp("sd15") / "sd15.safetensors", dtype=torch.float16)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)  # the file: writing and loading a 2 GB SD1.5 file, two steps at SD1.5 size
 def test_sd15_architecture_trains_one_step(sd15_file, tmp_path):
     cfg = load_config(None, ["model.kind=pretrained", f'model.path="{sd15_file}"', "model.resolution=64",
                              "sampler.num_steps=3", "sampler.grad_steps=2", "train.batch_size=1",

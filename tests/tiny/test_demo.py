@@ -1,5 +1,6 @@
 """The tiny-world demo end to end: a shortened run started outside the repository (files, well-formed
-metrics), the sweep command, and, slow-marked, the demo's acceptance on the test split at two (seed, threads) points."""
+metrics) and the sweep command. The demo's acceptance on the test split is in test_demo_acceptance_*.py, one
+(seed, threads) point per file, so that two pytest-xdist workers (`--dist loadfile`) run them side by side."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,7 @@ import time
 import pytest
 
 from textcraftor_fast import cli
-from textcraftor_fast.config import load_config
 from textcraftor_fast.tiny import data as D
-from textcraftor_fast.tiny.demo import run_demo
 
 
 def _check_table(table: dict) -> None:
@@ -145,17 +144,3 @@ def test_demo_rejects_bad_arguments_before_any_work(argv, message, capsys, tmp_p
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # nothing was trained or written
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed, threads", [(0, 1), (1, 2)])
-def test_the_demo_passes_on_the_test_split(tmp_path, seed, threads):
-    # Two of the robustness sweep's ten points (docs/tiny_world.md), each measured as `make demo` measures it:
-    # the shipped seed at the thread count CI pins, and another seed at the other thread count, set inside the
-    # run (a thread count changes float reduction orders, and with them the whole fine-tuning trajectory).
-    report = run_demo(load_config("builtin:tiny", [f"seed={seed}"]), out_dir=tmp_path, threads=threads)
-    arm = report["arms"]["tuned"]
-    if report["n_samples"] != 648 or arm["train_threads"] != threads:  # not the demo's measurement
-        pytest.fail(f"measured {report['n_samples']} samples at {arm['train_threads']} threads, "
-                    f"not 648 at {threads}")
-    assert arm["verdict"]["passed"], json.dumps(arm["table"], indent=1)
