@@ -54,16 +54,21 @@ $(OPEN_CLIP_WHEEL): | $(BIN)/python
 	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
 # One pytest worker per core (pytest-xdist), a whole test file per worker (module fixtures are built once; the
-# torchrun tests share a port). Each worker pins one thread; runs that set their own thread count (the demo's
-# 2-thread check) wait passively instead of spinning while the other worker holds a core.
+# torchrun tests share a port), files in collection order (tests/conftest.py puts the longest first; xdist's
+# default reorder by test count would start the one-test demo files last). Each worker pins one thread; runs that
+# set their own thread count (the demo's 2-thread check) wait passively instead of spinning while the other worker
+# holds a core.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: $(STAMP) $(OPEN_CLIP_WHEEL) ext-if-possible
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile \
-	  --durations=15 --benchmark-disable -p no:cacheprovider tests benchmarks
+	  --no-loadscope-reorder --durations=15 --benchmark-disable -p no:cacheprovider tests benchmarks
 
-bench: $(STAMP)
-	$(BIN)/python -m pytest -q --benchmark-only --benchmark-json=benchmarks/results/latest.json benchmarks
+# Every suite timed (the SD1.5-scale CPU step and memory suites take most of it), then benchmarks/REPORT.md.
+bench: $(STAMP) ext-if-possible
+	$(BIN)/python -m pytest -q -s --benchmark-only --benchmark-json=benchmarks/results/latest.json \
+	  -p no:cacheprovider benchmarks
+	$(BIN)/python benchmarks/report.py benchmarks/results/latest.json
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info $(EXT_BUILD) textcraftor_fast/_native

@@ -16,19 +16,9 @@ import torch
 
 
 def _sd15_file(folder: Path) -> Path:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from benchmarks.random_towers import write_random_sd15
 
-    from textcraftor_fast.models import SD15_CONFIG_DIR, SDComponents, load_scheduler, load_tokenizer, save_single_file
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on the CPU
-        comp = SDComponents(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR / "unet"))),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR / "vae"))),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder"))),
-            tokenizer=load_tokenizer(), scheduler=load_scheduler())
-    return save_single_file(comp, folder / "sd15.safetensors", dtype=torch.float16)
+    return write_random_sd15(folder / "sd15.safetensors", device="cuda")
 
 
 def _trainer(path: Path, out: Path, batch: int, backend: str, precision: str = "bf16", attention: str = "auto"):

@@ -1,7 +1,9 @@
-"""Random-weight CLIP reward towers for the benchmarks and the baseline test: the real transformers CLIPModel
-class at a chosen size, written as a folder the reward loaders read (`path = <folder>` in a [[rewards]] entry),
-so a benchmark loads its towers exactly as a user's config does. No tokenizer is written: the towers use
-the SD1.5 one shipped in the package (vocab 49408, 77 positions), as the official code feeds every tower.
+"""Random-weight models for the benchmarks and the baseline test, written where the real loaders read them, so a
+benchmark loads its models exactly as a user's config does (no real weights exist here):
+- `write_random_clip`: the real transformers CLIPModel class at a chosen size, as a reward folder (`path = <folder>`
+  in a [[rewards]] entry). No tokenizer is written: the towers use the SD1.5 one shipped in the package (vocab
+  49408, 77 positions), as the official code feeds every tower. `VIT_L14` is OpenAI CLIP ViT-L/14's shape.
+- `write_random_sd15`: the exact SD1.5 architecture as one original-layout .safetensors file (`model.path`).
 """
 from __future__ import annotations
 
@@ -9,19 +11,46 @@ from pathlib import Path
 
 import torch
 
+# OpenAI CLIP ViT-L/14 (the SD1.5 text encoder's CLIP; the aesthetic predictor's tower): 428M parameters.
+VIT_L14 = dict(width=1024, layers=24, heads=16, image_size=224, patch_size=14, embed_dim=768,
+               text_width=768, text_layers=12, text_heads=12)
+
 
 def write_random_clip(folder: Path, *, width: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32,
-                      patch_size: int = 8, embed_dim: int = 32, seed: int = 0) -> Path:
-    """A CLIPModel (text and vision towers of `width` x `layers`) with random weights, saved to `folder`."""
+                      patch_size: int = 8, embed_dim: int = 32, text_width: int | None = None,
+                      text_layers: int | None = None, text_heads: int | None = None, seed: int = 0) -> Path:
+    """A CLIPModel with random weights, saved to `folder`: a vision tower of `width` x `layers` and a text tower
+    of the same size unless `text_*` say otherwise."""
     from transformers import CLIPConfig, CLIPModel
 
-    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                 projection_dim=embed_dim)
-    config = CLIPConfig(text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
-                        vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+    def tower(w: int, n: int, h: int) -> dict:
+        return dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n, num_attention_heads=h,
+                    projection_dim=embed_dim)
+
+    text = tower(text_width or width, text_layers or layers, text_heads or heads)
+    config = CLIPConfig(text_config=dict(text, vocab_size=49408, max_position_embeddings=77),
+                        vision_config=dict(tower(width, layers, heads), image_size=image_size, patch_size=patch_size),
                         projection_dim=embed_dim)
     with torch.random.fork_rng(devices=[]):  # a fixed tower without moving the caller's RNG stream
         torch.manual_seed(seed)
         model = CLIPModel(config)
     model.save_pretrained(str(folder))
     return Path(folder)
+
+
+def write_random_sd15(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float16) -> Path:
+    """Random weights in the exact SD1.5 architecture (UNet 859,520,964, VAE 83,653,863 and CLIP-L text encoder
+    123,060,480 parameters), written as one original-layout .safetensors file in `dtype`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from textcraftor_fast.models import SD15_CONFIG_DIR, SDComponents, load_scheduler, load_tokenizer, save_single_file
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # init on a GPU: seconds, not a minute
+        torch.manual_seed(0)
+        comp = SDComponents(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR / "unet"))),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR / "vae"))),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder"))),
+            tokenizer=load_tokenizer(), scheduler=load_scheduler())
+    return save_single_file(comp, path, dtype=dtype)

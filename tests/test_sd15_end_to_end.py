@@ -1,26 +1,22 @@
 """The SD1.5 path end to end: random weights in the exact SD1.5 architecture, written as one original-layout
 .safetensors file, loaded through the real single-file loader, and trained for a step at reduced resolution."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.models import SD15_CONFIG_DIR, SDComponents, load_scheduler, load_tokenizer, save_single_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the random-model writers live there
+
+from random_towers import write_random_sd15  # noqa: E402
+from textcraftor_fast import load_config  # noqa: E402
+from textcraftor_fast.engine import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    comp = SDComponents(
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR / "unet"))),
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR / "vae"))),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder"))),
-        tokenizer=load_tokenizer(), scheduler=load_scheduler())
     # fp16 on disk halves the 4 GB write; the loader reads it back as fp32 master weights.
-    return save_single_file(comp, tmp_path_factory.mktemp("sd15") / "sd15.safetensors", dtype=torch.float16)
+    return write_random_sd15(tmp_path_factory.mktemp("sd15") / "sd15.safetensors")
 
 
 @pytest.mark.slow(minutes=2)  # the file: writing and loading a 2 GB SD1.5 file, two steps at SD1.5 size

@@ -152,6 +152,26 @@ def test_a_run_leaves_the_lora_and_the_encoder_it_was_tuned_under(tmp_path):
     assert base_only.text_encoder is None and not (tmp_path / "base" / "text_encoder").exists()
 
 
+def test_on_a_tuned_encoder_the_unet_stage_samples_as_evaluation_does(tmp_path):
+    # evaluate/generate sample a tuned encoder with the unconditional embedding (and any steps before the switch
+    # step) from the base model's encoder, as the encoder stage trained it: the UNet stage must train under that
+    # same CFG, not under the tuned encoder's "" embedding.
+    from textcraftor_fast.models import export_text_encoder
+
+    base, tuned = build_tiny_random(seed=0).text_encoder, build_tiny_random(seed=3).text_encoder
+    encoder = export_text_encoder(tuned, tmp_path / "enc" / "text_encoder")
+    trainer = Trainer(cfg_for(tmp_path / "run", f'model.text_encoder_path="{encoder}"'))
+    for name, p in base.state_dict().items():  # the "original" encoder is the base model's, the trained-under one tuned
+        assert torch.equal(trainer.original_encoder.state_dict()[name], p), name
+    for name, p in tuned.state_dict().items():
+        assert torch.equal(trainer.text_encoder.state_dict()[name], p), name
+    with torch.no_grad():
+        empty = trainer._tokenize([""])
+        assert torch.equal(trainer.frozen_uncond, base(empty)[0])
+        assert not torch.allclose(trainer.frozen_uncond, tuned(empty)[0])
+    assert trainer.stage.evaluated()[0] is trainer.text_encoder  # evaluated as both stages against the base model
+
+
 def test_an_encoder_stage_checkpoint_does_not_resume_a_unet_stage(tmp_path):
     train(load_config("configs/tiny_random.toml", FAST[:-1] + [f'output.dir="{tmp_path}"', "train.steps=1"]))
     with pytest.raises(Exception, match="unet_lora/pytorch_lora_weights.safetensors.*another train.stage"):

@@ -306,9 +306,27 @@ class OpsConfig:
     attention: Literal["auto", "sdpa", "triton"] = "auto"
     """UNet/VAE attention: 'auto' = triton when backend='triton', else SDPA; 'sdpa' or 'triton' force one."""
     channels_last: bool = False
-    """channels_last memory format for UNet/VAE (a GPU speed-up)."""
+    """channels_last (NHWC) memory format for the UNet and VAE weights, so their convolutions run NHWC: faster
+    with cuDNN on tensor-core GPUs, usually slower on CPU."""
     compile: bool = False
-    """torch.compile the UNet."""
+    """torch.compile (inductor) the UNet, the VAE decoder and the reward towers' vision sides: fuses their
+    pointwise ops. Works with the sampler's non-reentrant checkpointing; the first step pays the compile time
+    (minutes at SD1.5 size). Alias: train.compile."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend when ops.compile: 'inductor' (generated kernels), or any registered one
+    (torch._dynamo.list_backends(); 'aot_eager' traces and partitions without code generation, for debugging)."""
+
+    def validate(self, prefix: str) -> None:
+        if self.compile:  # torch._dynamo is imported only when compiling: it costs seconds
+            import torch._dynamo
+
+            choices = torch._dynamo.list_backends(exclude_tags=())
+            _check(self.compile_backend in choices, f"{prefix}.compile_backend",
+                   "one of " + ", ".join(choices), self.compile_backend)
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions run as TF32 on tensor cores (10-bit mantissa; the paper's runs on
+    A100 used it). Process-wide (torch.backends flags), as diffusers' --allow_tf32. false: strict fp32. No
+    effect on CPU."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +362,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet", "ops"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
@@ -375,6 +393,8 @@ ALIASES: dict[str, str] = {
     "train.max_train_steps": "train.steps",
     "train.use_8bit_adam": "optim.name",  # value True -> "adamw8bit"
     "train.gradient_checkpointing": "sampler.checkpoint",  # value True -> "step", False -> "none"
+    "train.compile": "ops.compile",  # the name the performance issue and diffusers users reach for
+    "train.allow_tf32": "ops.tf32",  # diffusers' --allow_tf32
     "output.output_dir": "output.dir",
 }
 

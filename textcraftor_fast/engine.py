@@ -38,6 +38,7 @@ from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
+from .speed import apply_speed_options
 from .stages import build_stage, checkpoint_files
 
 logger = logging.getLogger(__name__)
@@ -167,17 +168,16 @@ class Trainer:
         self.original_encoder = self.stage.original_encoder
         self.vae = freeze(comp.vae).to(self.device, **cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
-        swapped = {"unet": self.unet, "vae": self.vae}
-        if cfg.train.stage == "unet" and cfg.unet.method == "full" and self.stage.base_unet is not None:
-            # the frozen copy evaluation compares against gets the same ops, or base and tuned differ from step 0
-            swapped["base_unet"] = self.stage.base_unet
-        self.ops_counts = apply_ops(swapped, cfg.ops.backend, self.device, cfg.ops.attention)
+        unets = self.stage.unets()
+        self.ops_counts = apply_ops({**unets, "vae": self.vae}, cfg.ops.backend, self.device, cfg.ops.attention)
         self.fused_step = resolve_backend(cfg.ops.backend, self.device) == "cpp"  # native CFG-DDIM step
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
+        self.speed = apply_speed_options(cfg.ops, self.device, unets, self.vae, self.rewards,
+                                         vae_blocks=cfg.sampler.checkpoint_vae == "blocks")
         self.evaluator = None
         if cfg.train.eval_every > 0:
             from .evaluation.during_training import TrainingEvaluator

@@ -40,6 +40,7 @@ def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
         raise ValueError(f"model.kind must be one of 'pretrained', 'tiny_random', 'tiny_world'; got {cfg.kind!r}")
     if cfg.text_encoder_path:
         # The override must fit the base model's architecture, so its config is the base encoder's.
+        comp.base_text_encoder = comp.text_encoder
         comp.text_encoder = load_text_encoder(cfg.text_encoder_path, config=comp.text_encoder.config)
         logger.info("Replaced the text encoder with %s", cfg.text_encoder_path)
     return comp

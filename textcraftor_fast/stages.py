@@ -75,6 +75,15 @@ class Stage:
         """(tuned encoder or None, UNet) to evaluate against (original encoder, `base_unet`)."""
         raise NotImplementedError
 
+    def unets(self) -> dict[str, nn.Module]:
+        """Every distinct UNet module the run calls: each gets the same op swaps and speed options, or the base
+        and the tuned UNet differ before any update."""
+        found = {"unet": self.unet}
+        if self.base_unet is not None and not isinstance(self.base_unet, AdaptersDisabled) \
+                and self.base_unet is not self.unet:
+            found["base_unet"] = self.base_unet  # method 'full': a frozen copy, for evaluation during training
+        return found
+
 
 class TextEncoderStage(Stage):
     name = "text encoder"
@@ -159,7 +168,12 @@ class UNetStage(Stage):
         self.method = u.method
         self.keep_encoder = bool(cfg.model.text_encoder_path)
         # The frozen encoder stays fp32 (it is small beside the UNet): the copy written at the end is exact.
-        self.text_encoder = self.original_encoder = freeze(comp.text_encoder).to(device)
+        self.text_encoder = freeze(comp.text_encoder).to(device)
+        # Sample as the encoder stage trained and as evaluation and generate sample a tuned encoder: the steps before
+        # sampler.switch_step and the unconditional embedding from the base model's encoder, the rest from the tuned
+        # one. (Conditioning both on the tuned encoder trained the adapters under a CFG that inference never uses.)
+        base = comp.base_text_encoder
+        self.original_encoder = self.text_encoder if base is None else freeze(base).to(device, **cast)
         # eval(): the UNet has no dropout to switch, and eval keeps every sampler call the same function the
         # no-grad steps and inference use.
         unet = comp.unet.to(device).float().eval()
@@ -208,7 +222,7 @@ class UNetStage(Stage):
         return {}
 
     def evaluated(self) -> tuple[nn.Module | None, nn.Module]:
-        return None, self.unet
+        return (self.text_encoder if self.keep_encoder else None), self.unet
 
 
 def build_stage(cfg: TrainConfig, comp: SDComponents, device: torch.device, cast: dict) -> Stage:

@@ -24,6 +24,9 @@ class SDComponents:
     """A CLIP tokenizer (any transformers tokenizer with `model_max_length`)."""
     scheduler: DDIMScheduler
     """Built from the model's scheduler config (SD1.5: scaled_linear betas 0.00085..0.012, 1000 steps)."""
+    base_text_encoder: CLIPTextModel | None = None
+    """The model's own text encoder when model.text_encoder_path replaced `text_encoder` (loaders.load_components);
+    the UNet stage conditions its unconditional and early-step embeddings on it, as evaluation and generate do."""
 
     @property
     def vae_scale_factor(self) -> int:
