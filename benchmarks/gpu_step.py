@@ -29,6 +29,7 @@ def _trainer(path: Path, out: Path, batch: int, backend: str, precision: str = "
         "model.kind=pretrained", f'model.path="{path}"', "model.resolution=512", f"train.mixed_precision={precision}",
         "train.device=cuda", f"train.batch_size={batch}", "train.progress_bar=false", "data.max_prompts=16",
         'rewards=[{name="colorfulness"}]', f"ops.backend={backend}", f"ops.attention={attention}",
+        f"ops.tf32={'false' if precision == 'no' else 'true'}",  # the fp32 control is strict fp32
         f'output.dir="{out / f"{backend}-{attention}-{precision}"}"'])
     return Trainer(cfg)
 

@@ -309,12 +309,17 @@ class OpsConfig:
     """channels_last (NHWC) memory format for the UNet and VAE weights, so their convolutions run NHWC: faster
     with cuDNN on tensor-core GPUs, usually slower on CPU."""
     compile: bool = False
-    """torch.compile (inductor) the UNet, the VAE decoder and the reward towers' vision sides: fuses their
+    """torch.compile the UNet, the VAE decoder and the reward towers' vision sides (in place): fuses their
     pointwise ops. Works with the sampler's non-reentrant checkpointing; the first step pays the compile time
     (minutes at SD1.5 size). Alias: train.compile."""
     compile_backend: str = "inductor"
     """torch.compile's backend when ops.compile: 'inductor' (generated kernels), or any registered one
-    (torch._dynamo.list_backends(); 'aot_eager' traces and partitions without code generation, for debugging)."""
+    (torch._dynamo.list_backends(); 'aot_eager_decomp_partition' runs inductor's decompositions and partition
+    without its code generation: a check when a compiled run's numbers look wrong, docs/performance.md)."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions run as TF32 on tensor cores (10-bit mantissa; the paper's runs on
+    A100 used it). Process-wide (torch.backends flags), as diffusers' --allow_tf32. false: strict fp32. No
+    effect on CPU."""
 
     def validate(self, prefix: str) -> None:
         if self.compile:  # torch._dynamo is imported only when compiling: it costs seconds
@@ -323,10 +328,6 @@ class OpsConfig:
             choices = torch._dynamo.list_backends(exclude_tags=())
             _check(self.compile_backend in choices, f"{prefix}.compile_backend",
                    "one of " + ", ".join(choices), self.compile_backend)
-    tf32: bool = True
-    """On CUDA, fp32 matmuls and convolutions run as TF32 on tensor cores (10-bit mantissa; the paper's runs on
-    A100 used it). Process-wide (torch.backends flags), as diffusers' --allow_tf32. false: strict fp32. No
-    effect on CPU."""
 
 
 @dataclass(frozen=True)
