@@ -11,7 +11,8 @@ does, and how the baseline reproduces it:
   the prompt every step: CLIP score and PickScore under `torch.no_grad()`, HPSv2 inside `hps_model(image,
   text)` in grad mode, so its text-side weight gradients are computed too -> `OfficialTower`.
 - VAE and the aesthetic reward (CLIP ViT-L/14 + MLP) ARE frozen there (`vae.requires_grad_(False)`;
-  `load_models` freezes both) -> left as ours.
+  `load_models` freezes both) -> left as ours; but the whole VAE stays loaded there, encoder half included
+  (ours frees it: `drop_vae_encoder`) -> kept.
 - `loop_unet_cus`: non-reentrant checkpoint of each UNet call of the last K steps; `decode_latents`: plain
   VAE decode; `autocast(dtype=float32)`; stock diffusers modules with SDPA; cond and uncond embeddings from
   the fine-tuned encoder -> OFFICIAL_OVERRIDES.
@@ -22,6 +23,7 @@ parameter; DDP.
 from __future__ import annotations
 
 from typing import Sequence
+from unittest import mock
 
 from torch import Tensor, nn
 
@@ -73,7 +75,8 @@ def apply_official_recipe(trainer: Trainer) -> dict[str, int]:
 
 def official_trainer(config: str, overrides: Sequence[str] = ()) -> Trainer:
     """A Trainer running the official step on the models, rewards and prompts `config` + `overrides` name."""
-    trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES]))
+    with mock.patch("textcraftor_fast.engine.drop_vae_encoder", lambda vae: 0):  # the official VAE stays whole
+        trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES]))
     apply_official_recipe(trainer)
     return trainer
 

@@ -46,12 +46,13 @@ def _params(module: torch.nn.Module, prefix: str) -> list[torch.nn.Parameter]:
 
 
 def test_the_baseline_is_the_official_configuration(pair):
-    _, official = pair
+    ours, official = pair
     s, t = official.cfg.sampler, official.cfg.train
     assert (s.checkpoint, s.checkpoint_vae, s.train_uncond) == ("step", False, True)
     assert t.mixed_precision == "no" and official.cfg.ops.backend == "torch" and not official.fused_step
     assert official.memory_plan.plain_unet_calls is None and official.memory_plan.vae is False
     assert len(OFFICIAL_OVERRIDES) == 5
+    assert official.vae.encoder is not None and ours.vae.encoder is None  # the official VAE stays whole
 
 
 def test_the_baseline_computes_the_official_weight_gradients_and_ours_none(pair):

@@ -30,6 +30,7 @@ def test_only_the_text_encoder_gets_gradients(tmp_path):
         assert all(p.grad is None for p in params), name
         assert not any(p.requires_grad for p in params), name
     assert not trainer.unet.training and not trainer.vae.training
+    assert trainer.vae.encoder is None  # training only decodes: the encoder half is freed at build
 
 
 def _weights(path):

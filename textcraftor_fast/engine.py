@@ -34,6 +34,7 @@ from .data import PromptStream, open_prompts
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
+from .models.components import drop_vae_encoder
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
@@ -166,6 +167,9 @@ class Trainer:
         self.stage = build_stage(cfg, comp, self.device, cast)
         self.unet, self.text_encoder = self.stage.unet, self.stage.text_encoder
         self.original_encoder = self.stage.original_encoder
+        # Training only decodes: the VAE's encoder half is freed before anything is cast or moved.
+        vae_encoder_bytes = drop_vae_encoder(comp.vae)
+        logger.info("Freed the VAE encoder (%.0f MiB): training only decodes", vae_encoder_bytes / 2**20)
         self.vae = freeze(comp.vae).to(self.device, **cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
         unets = self.stage.unets()
