@@ -7,6 +7,9 @@ benchmark loads its models exactly as a user's config does (no real weights exis
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -54,3 +57,15 @@ def write_random_sd15(path: Path, device: str = "cpu", dtype: torch.dtype = torc
             text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder"))),
             tokenizer=load_tokenizer(), scheduler=load_scheduler())
     return save_single_file(comp, path, dtype=dtype)
+
+
+def write_sd15_in_child(model: Path, tower: Path | None = None) -> None:
+    """`write_random_sd15(model)` (and a ViT-L/14 `write_random_clip(tower)`) in a child process: initialising 1.5B
+    fp32 parameters grows a process by ~7 GB that glibc keeps, and a benchmark's parent process must stay small
+    beside the arms it spawns (the official arm alone holds 16 GB; a 23 GB box ran out, measured)."""
+    code = ("import sys; from pathlib import Path; from random_towers import VIT_L14, write_random_clip, "
+            "write_random_sd15; write_random_sd15(Path(sys.argv[1])); "
+            "len(sys.argv) > 2 and write_random_clip(Path(sys.argv[2]), **VIT_L14)")
+    args = [str(model), *([str(tower)] if tower is not None else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), *sys.path]))
+    subprocess.run([sys.executable, "-c", code, *args], check=True, env=env)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from random_towers import write_random_sd15
+from random_towers import write_sd15_in_child
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.memory import saved_tensor_bytes
@@ -37,7 +37,8 @@ def setup(tmp_path_factory, request):
         cfg = load_config("configs/tiny_random.toml", common + ["sampler.num_steps=8", "sampler.grad_steps=8"])
         ks, batches = (1, 2, 4, 8), (1, 2)
     else:
-        model = write_random_sd15(out / "sd15.safetensors")
+        model = out / "sd15.safetensors"
+        write_sd15_in_child(model)
         cfg = load_config(None, common + ["model.kind=pretrained", f'model.path="{model}"', "model.resolution=128",
                                           "sampler.num_steps=25", "sampler.grad_steps=25", "train.device=cpu"])
         ks, batches = (1, 5, 10, 25), (1, 2)

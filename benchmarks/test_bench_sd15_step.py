@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from random_towers import VIT_L14, write_random_clip, write_random_sd15
+from random_towers import write_random_clip, write_sd15_in_child
 from sd15_step import format_table, run, sd15_overrides, tiny_overrides
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,9 +27,9 @@ def test_sd15_step_ours_vs_official(benchmark, tmp_path_factory):
         tower = write_random_clip(models / "clip")
         overrides, rounds, steps = tiny_overrides(tower, num_steps=4, k=2, batch=1), 1, 1
     else:
-        tower = write_random_clip(models / "vit_l14", **VIT_L14)
-        overrides = sd15_overrides(write_random_sd15(models / "sd15.safetensors"), tower, latent=16, num_steps=25,
-                                   k=K, batch=1)
+        tower, model = models / "vit_l14", models / "sd15.safetensors"
+        write_sd15_in_child(model, tower)
+        overrides = sd15_overrides(model, tower, latent=16, num_steps=25, k=K, batch=1)
         rounds, steps = 1, 2  # one process per arm: about 4 minutes each on 2 cores (load, warm-up, 2 steps)
     # Users run 2 threads; make test pins 1 (a second spinning OpenMP thread next to another pytest worker is
     # 10-100x slower, tests/conftest.py).
