@@ -19,7 +19,6 @@ from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.memory import saved_tensor_bytes
 from textcraftor_fast.models import load_scheduler
-from textcraftor_fast.models.components import release_freed_host_memory
 from textcraftor_fast.sampler import make_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,12 +41,7 @@ def setup(tmp_path_factory, request):
         cfg = load_config(None, common + ["model.kind=pretrained", f'model.path="{model}"', "model.resolution=128",
                                           "sampler.num_steps=25", "sampler.grad_steps=25", "train.device=cpu"])
         ks, batches = (1, 5, 10, 25), (1, 2)
-    held = [Trainer(cfg), ks, batches, disabled]
-    yield held
-    # An SD1.5-size Trainer is ~5 GB: free it and hand the pages back to the OS before the next suite's processes
-    # load their own (pytest keeps a fixture's value until after its teardown, hence the list).
-    held.clear()
-    release_freed_host_memory()
+    return Trainer(cfg), ks, batches, disabled  # SD1.5 size: runs after the step suite (benchmarks/conftest.py)
 
 
 def _bytes(trainer: Trainer, policy: str, k: int, batch: int) -> int:

@@ -59,9 +59,18 @@ def _run(reward: ClipSimilarityReward) -> None:
     assert images.grad is not None
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This suite's setting, restored after: the suites that run later measure at the session's thread count
+    (they ran at 1 thread after this one in `make bench` before)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_bench_reward_step(benchmark, mode):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     reward = _reward(mode)
     benchmark.pedantic(_run, args=(reward,), rounds=8, iterations=1, warmup_rounds=1)
@@ -81,7 +90,6 @@ def test_bench_reward_step(benchmark, mode):
 
 def test_reward_step_ratios(benchmark):
     """Every mode once per round, interleaved, so the ratios see the same machine load (medians, one run)."""
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     rewards = {mode: _reward(mode) for mode in MODES}
     rounds = 1 if benchmark.disabled else 15

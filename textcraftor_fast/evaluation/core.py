@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inference import mix_embeddings
+from ..models.components import encode_prompts as encode
 from ..sampler import (DDIMSchedule, Embeddings, decode_latents, sample_latents, seeded_noise,
                        switch_sampling_config)
 
@@ -41,13 +42,6 @@ def sample_set(prompts: list[str], seeds_per_prompt: int, seed0: int = EVAL_SEED
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
-    """SD's conditioning: the last hidden state of the ids padded to the tokenizer's max length (B, L, D)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return encoder(ids.to(next(encoder.parameters()).device))[0]
-
-
 @torch.no_grad()
 def conditioning(original: nn.Module, tuned: nn.Module | None, tokenizer, prompts: list[str], weight: float,
                  train_uncond: bool) -> tuple[Embeddings, Embeddings | None]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from torch import Tensor, nn
     from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15"
@@ -60,3 +61,11 @@ def release_freed_host_memory() -> None:
     trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
     if trim is not None:
         trim(0)
+
+
+def encode_prompts(text_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> Tensor:
+    """SD's conditioning: the last hidden state of the ids padded to the tokenizer's max length, (B, L, D), in the
+    caller's grad mode (evaluation, the tiny world and the tests all encode through this one function)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]

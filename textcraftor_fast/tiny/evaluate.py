@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..evaluation.stats import compare_paired, mean_ci, paired_diff  # noqa: F401 (re-exported)
 from . import data as D
-from .models import encode_prompts
+from ..models.components import encode_prompts
 from .sampling import generate
 
 EVAL_SEED0 = 1_000_000  # far from every training seed
@@ -62,22 +62,17 @@ def base_accuracy(unet, vae, text_encoder, tokenizer, judge, seeds_per_caption: 
     return result
 
 
-def encode(encoder, tokenizer, prompts: list[str]) -> Tensor:
-    with torch.no_grad():
-        return encode_prompts(encoder, tokenizer, prompts)
-
-
 @torch.no_grad()
 def embeddings_for(original, tuned, tokenizer, prompts: list[str], train_uncond: bool, w: float = 1.0):
     """(frozen, mixed): the original encoder's Embeddings and e = w * tuned + (1 - w) * original (the paper's
     interpolation; the unconditional embedding is mixed too only when it was trained)."""
     from ..sampler import Embeddings
 
-    cond_o, uncond_o = encode(original, tokenizer, prompts), encode(original, tokenizer, [""])
+    cond_o, uncond_o = encode_prompts(original, tokenizer, prompts), encode_prompts(original, tokenizer, [""])
     if tuned is None:
         return Embeddings(cond_o, uncond_o), None
-    cond_t = encode(tuned, tokenizer, prompts)
-    uncond_t = encode(tuned, tokenizer, [""]) if train_uncond else uncond_o
+    cond_t = encode_prompts(tuned, tokenizer, prompts)
+    uncond_t = encode_prompts(tuned, tokenizer, [""]) if train_uncond else uncond_o
     return Embeddings(cond_o, uncond_o), Embeddings(torch.lerp(cond_o, cond_t, w), torch.lerp(uncond_o, uncond_t, w))
 
 

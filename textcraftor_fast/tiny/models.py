@@ -115,13 +115,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> Tensor:
-    """SD-style conditioning: last hidden state of the padded-to-max-length ids, (B, L, TEXT_WIDTH)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]
-
-
 @torch.no_grad()
 def latent_stats(vae, images: Tensor) -> float:
     """Std of the VAE's latent means over `images`: SD's scaling_factor is 1 / this."""
