@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inference import mix_embeddings
-from ..models.components import encode_prompts as encode
+from ..models.components import encode_prompts
 from ..sampler import (DDIMSchedule, Embeddings, decode_latents, sample_latents, seeded_noise,
                        switch_sampling_config)
 
@@ -41,7 +41,10 @@ def sample_set(prompts: list[str], seeds_per_prompt: int, seed0: int = EVAL_SEED
     return samples, [seed0 + k for k in range(len(samples))]
 
 
-@torch.no_grad()
+encode = torch.no_grad()(encode_prompts)
+"""`models.components.encode_prompts` without a graph: evaluation never trains an encoder."""
+
+
 @torch.no_grad()
 def conditioning(original: nn.Module, tuned: nn.Module | None, tokenizer, prompts: list[str], weight: float,
                  train_uncond: bool) -> tuple[Embeddings, Embeddings | None]:
