@@ -65,8 +65,9 @@ def _weights(trainer: Trainer) -> list:
 
 def test_saved_bytes_vs_k_and_batch(setup, benchmark):
     trainer, ks, batches, disabled = setup
-    # At SD1.5 size `none` keeps ~0.5 GB per graph step and `every_n` half that: K = 25 under them exhausted a 23 GB
-    # box (measured), so they stop at K = 10 there; `step`, flat in K, runs every K.
+    # At SD1.5 size `none` saves ~180 MiB of activations per graph step (2026-11-30), yet K = 25 under it, counted
+    # with the weights then, exhausted a 23 GB box (measured), so `none` and `every_n` stop at K = 10 there; `step`,
+    # flat in K, runs every K.
     limit = {"none": ks[2], "every_n": ks[2], "step": ks[-1]} if not disabled else {p: ks[-1] for p in POLICIES}
     by_k = {p: {k: _bytes(trainer, p, k, 1) for k in ks if k <= limit[p]} for p in POLICIES}
     mid = ks[1]
