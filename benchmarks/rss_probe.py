@@ -38,6 +38,7 @@ def main() -> int:
     from sd15_step import ARM_OVERRIDES, sd15_overrides
     from textcraftor_fast import load_config
     from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.optim import optimizer_state_bytes
 
     model, tower = args.models / "sd15.safetensors", args.models / "vit_l14"
     if not model.exists() or not tower.exists():
@@ -55,8 +56,7 @@ def main() -> int:
         t0 = time.perf_counter()
         trainer.train_step()
         print(f"step {i} {time.perf_counter() - t0:.1f} s", _rss(), flush=True)
-    state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
-                if hasattr(v, "numel"))
+    state = optimizer_state_bytes(trainer.optimizer)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainer.params if p.grad is not None)
     print(f"optimizer state {state / 2**30:.3f} GiB, gradient {grads / 2**30:.3f} GiB")
     return 0

@@ -19,6 +19,7 @@ runs the same code on tiny random models, so it cannot rot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,13 +87,20 @@ def _warm_up(trainer) -> None:
     """One step on a (K + 1)-step schedule: every shape a timed step runs (the no-grad steps, the K graph-carrying
     ones, the decode, the towers) is met once, so allocator growth and oneDNN kernel creation fall here, at about
     a quarter of a 25-step step's cost (minutes of `make bench` on 2 cores)."""
+    with schedule_of(trainer, trainer.cfg.sampler.grad_steps + 1):
+        trainer.train_step()
+
+
+@contextlib.contextmanager
+def schedule_of(trainer, num_steps: int) -> Iterator[None]:
+    """Inside the block `trainer` samples on a `num_steps` DDIM schedule (its own eta and spacing)."""
     from textcraftor_fast.models import load_scheduler
     from textcraftor_fast.sampler import make_schedule
 
     s, full = trainer.cfg.sampler, trainer.schedule
-    trainer.schedule = make_schedule(load_scheduler().config, s.grad_steps + 1, s.eta, s.timestep_spacing)
+    trainer.schedule = make_schedule(load_scheduler().config, num_steps, s.eta, s.timestep_spacing)
     try:
-        trainer.train_step()
+        yield
     finally:
         trainer.schedule = full
 

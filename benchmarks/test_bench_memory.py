@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from random_towers import write_sd15_in_child
+from sd15_step import schedule_of
 from textcraftor_fast import load_config
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.memory import saved_tensor_bytes
-from textcraftor_fast.models import load_scheduler
-from textcraftor_fast.sampler import make_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("none", "every_n", "step")
@@ -47,14 +46,14 @@ def setup(tmp_path_factory, request):
 def _bytes(trainer: Trainer, policy: str, k: int, batch: int) -> int:
     """Bytes saved by a K-step schedule whose every step carries a graph: the no-grad steps a longer schedule runs
     first keep nothing for backward, so they would only cost time (minutes per K at SD1.5 size on 2 cores)."""
-    cfg, schedule = trainer.cfg, trainer.schedule
+    cfg = trainer.cfg
     trainer.cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, checkpoint=policy))
-    trainer.schedule = make_schedule(load_scheduler().config, k, cfg.sampler.eta, cfg.sampler.timestep_spacing)
     try:
-        nbytes, (loss, _) = saved_tensor_bytes(lambda: trainer.forward(PROMPTS[:batch], k), _weights(trainer))
+        with schedule_of(trainer, k):
+            nbytes, (loss, _) = saved_tensor_bytes(lambda: trainer.forward(PROMPTS[:batch], k), _weights(trainer))
         del loss
     finally:
-        trainer.cfg, trainer.schedule = cfg, schedule
+        trainer.cfg = cfg
     return nbytes
 
 
