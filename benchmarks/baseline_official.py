@@ -12,7 +12,8 @@ does, and how the baseline reproduces it:
   text)` in grad mode, so its text-side weight gradients are computed too -> `OfficialTower`.
 - VAE and the aesthetic reward (CLIP ViT-L/14 + MLP) ARE frozen there (`vae.requires_grad_(False)`;
   `load_models` freezes both) -> left as ours; but the whole VAE stays loaded there, encoder half included
-  (ours frees it: `drop_vae_encoder`) -> kept.
+  (ours frees it: `drop_vae_encoder`) -> kept. Each reward loads its own CLIP model, text side included, even
+  where it is SD1.5's text encoder (ours shares it: `share_text_transformers`) -> not shared.
 - `loop_unet_cus`: non-reentrant checkpoint of each UNet call of the last K steps; `decode_latents`: plain
   VAE decode; `autocast(dtype=float32)`; stock diffusers modules with SDPA; cond and uncond embeddings from
   the fine-tuned encoder -> OFFICIAL_OVERRIDES.
@@ -36,6 +37,7 @@ from textcraftor_fast.rewards.hpsv2 import HPSv2Reward
 OFFICIAL_OVERRIDES = (
     "sampler.checkpoint=step",  # torch.utils.checkpoint(custom(unet), ..., use_reentrant=False), last K calls
     "sampler.checkpoint_vae=false",  # pipeline.decode_latents: plain vae.decode
+    "sampler.checkpoint_towers=false",  # the towers and the text encoder run plain
     "sampler.train_uncond=true",  # uncond embedding from the fine-tuned encoder
     "train.mixed_precision=no",  # torch.autocast(dtype=torch.float32)
     "ops.backend=torch",  # stock diffusers modules (AttnProcessor2_0 = SDPA)
@@ -75,7 +77,8 @@ def apply_official_recipe(trainer: Trainer) -> dict[str, int]:
 
 def official_trainer(config: str, overrides: Sequence[str] = ()) -> Trainer:
     """A Trainer running the official step on the models, rewards and prompts `config` + `overrides` name."""
-    with mock.patch("textcraftor_fast.engine.drop_vae_encoder", lambda vae: 0):  # the official VAE stays whole
+    with mock.patch("textcraftor_fast.engine.drop_vae_encoder", lambda vae: 0), \
+            mock.patch("textcraftor_fast.engine.share_text_transformers", lambda encoder, rewards: {}):
         trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES]))
     apply_official_recipe(trainer)
     return trainer

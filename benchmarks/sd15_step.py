@@ -4,11 +4,13 @@ process (peak RSS is per process), arms interleaved round by round so they share
 Arms (issue 12):
   baseline  the official step (baseline_official.py): UNet and the reward tower left requires_grad=True, every
             UNet call of the last K steps checkpointed, plain VAE decode, fp32, stock ops;
-  lean      ours, every graph-carrying UNet call and the VAE decode checkpointed (sampler.checkpoint=step);
+  lean      ours, every graph-carrying UNet call and the VAE decode checkpointed (sampler.checkpoint=step), and
+            the tower's and text encoder's transformer layers (sampler.checkpoint_towers);
   fast      ours, sampler.checkpoint=auto and checkpoint_vae=auto: with the budget ample (CPU's default),
             nothing is recomputed.
 Models: random weights in the SD1.5 architecture, one original-layout file through the real single-file loader;
-a reward with a CLIP ViT-L/14-sized tower (clip_score; its weight gradients are the official code's waste).
+a reward with a CLIP ViT-L/14 tower (clip_score; its weight gradients are the official code's waste) whose text
+half is the SD1.5 file's text encoder, as for the published models (ours keeps one copy, the official code two).
 
   python benchmarks/sd15_step.py --out DIR [--rounds 2 --steps 2 --threads 2 --latent 16 --num-steps 25 --k 5]
 
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ARMS = ("baseline", "lean", "fast")
 ARM_OVERRIDES = {
     "baseline": [],  # baseline_official.OFFICIAL_OVERRIDES are added by official_trainer
-    "lean": ["sampler.checkpoint=step", "sampler.checkpoint_vae=true"],
+    "lean": ["sampler.checkpoint=step", "sampler.checkpoint_vae=true", "sampler.checkpoint_towers=true"],
     "fast": ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto"],
 }
 
@@ -180,14 +182,12 @@ def main() -> int:
         result = run_arm(args.arm, json.loads(args.overrides_json), args.steps, args.out)
         args.result.write_text(json.dumps(result))
         return 0
-    from random_towers import VIT_L14, write_random_clip, write_random_sd15
+    from random_towers import write_random_sd15
 
     models = args.out / "models"
     model, tower = models / "sd15.safetensors", models / "vit_l14"
-    if not model.exists():
-        write_random_sd15(model)
-    if not tower.exists():
-        write_random_clip(tower, **VIT_L14)
+    if not model.exists() or not tower.exists():
+        write_random_sd15(model, tower=tower)
     summary = run(sd15_overrides(model, tower, args.latent, args.num_steps, args.k, args.batch), args.out,
                   args.rounds, args.steps, args.threads)
     (args.out / "sd15_step.json").write_text(json.dumps(summary, indent=1))

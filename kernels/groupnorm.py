@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._host import cdiv, next_pow2
+from .norm_module import FusedGroupNorm
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per register tile (BLOCK_C * BLOCK_S): 8 per thread at 8 warps
@@ -530,35 +531,8 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
 
 
 # -------------------------------------------------------------------------------------------------- module
-class TritonGroupNorm(nn.Module):
+class TritonGroupNorm(FusedGroupNorm):
     """Drop-in ``nn.GroupNorm`` (same ``weight`` / ``bias`` state_dict keys) with an optional fused SiLU."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 silu: bool = False, device=None, dtype=None) -> None:
-        super().__init__()
-        if num_groups <= 0 or num_channels % num_groups:
-            raise ValueError(f"TritonGroupNorm: num_channels {num_channels} is not divisible by num_groups "
-                             f"{num_groups}; use a num_groups that divides {num_channels}")
-        self.num_groups, self.num_channels, self.eps, self.affine, self.silu = \
-            num_groups, num_channels, eps, affine, silu
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    @classmethod
-    def from_torch(cls, gn: nn.GroupNorm, silu: bool) -> "TritonGroupNorm":
-        """A TritonGroupNorm sharing ``gn``'s Parameter objects (no copy; requires_grad stays as it was)."""
-        m = cls(gn.num_groups, gn.num_channels, gn.eps, affine=False, silu=silu)
-        m.affine = gn.affine
-        if gn.affine:
-            m.weight, m.bias = gn.weight, gn.bias
-        return m
 
     def forward(self, x: Tensor) -> Tensor:
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, silu={self.silu}"

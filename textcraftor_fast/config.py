@@ -78,6 +78,10 @@ class SamplerConfig:
     'blocks' = each decoder stage (mid block, every up block, output head) separately, so backward holds one
     stage's graph at a time; false = plain; 'auto' (only with checkpoint='auto') = plain, or 'blocks' when the
     memory budget needs it after every UNet call is checkpointed."""
+    checkpoint_towers: bool = False
+    """Checkpoint the CLIP transformers on the gradient path one layer at a time: each reward tower's image side
+    and the trainable text encoder (textcraftor_fast/layer_checkpointing.py). A ViT-L/14 reward keeps ~340 MiB
+    per image for backward without it; with it, its layer inputs, for one more forward of each tower."""
     train_uncond: bool = True
     """The unconditional embedding comes from the trainable encoder (paper); False keeps it frozen."""
 

@@ -33,13 +33,15 @@ from .config import TrainConfig, to_toml
 from .data import PromptStream, open_prompts
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
+from .layer_checkpointing import checkpoint_each_layer
 from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from .models.components import drop_vae_encoder
 from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
+from .rewards.shared_text import share_text_transformers
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
-from .speed import apply_speed_options
+from .speed import apply_speed_options, reward_vision_towers
 from .stages import build_stage, checkpoint_files
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,13 @@ class Trainer:
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
+        # A reward tower whose text transformer is the original encoder's (SD1.5's is CLIP ViT-L/14's) uses it.
+        share_text_transformers(self.original_encoder, self.rewards)
+        if cfg.sampler.checkpoint_towers:
+            trained = [self.text_encoder] if any(p.requires_grad for p in self.text_encoder.parameters()) else []
+            n = sum(checkpoint_each_layer(m) for m in [*reward_vision_towers(self.rewards), *trained])
+            logger.info("Checkpointing %d transformer layers (reward towers' image sides%s)", n,
+                        " and the text encoder" if trained else "")
         self.speed = apply_speed_options(cfg.ops, self.device, unets, self.vae, self.rewards,
                                          vae_blocks=cfg.sampler.checkpoint_vae == "blocks")
         self.evaluator = None

@@ -20,7 +20,9 @@ import logging
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .kernels.norm_module import FusedGroupNorm
 
 logger = logging.getLogger(__name__)
 
@@ -140,26 +142,8 @@ def cfg_ddim_step(x: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float
 
 
 # ---------------------------------------------------------------------------------------------- module
-class NativeGroupNorm(nn.Module):
+class NativeGroupNorm(FusedGroupNorm):
     """Drop-in ``nn.GroupNorm`` (same ``weight`` / ``bias`` state_dict keys) on the native op, optional SiLU."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float, affine: bool, silu: bool) -> None:
-        super().__init__()
-        self.num_groups, self.num_channels, self.eps, self.affine, self.silu = \
-            num_groups, num_channels, eps, affine, silu
-        self.register_parameter("weight", None)
-        self.register_parameter("bias", None)
-
-    @classmethod
-    def from_torch(cls, gn: nn.GroupNorm, silu: bool) -> "NativeGroupNorm":
-        """Shares ``gn``'s Parameter objects (no copy; requires_grad stays as it was)."""
-        m = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine, silu)
-        if gn.affine:
-            m.weight, m.bias = gn.weight, gn.bias
-        return m
 
     def forward(self, x: Tensor) -> Tensor:
         return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, silu={self.silu}"

@@ -76,9 +76,12 @@ class ClipTower(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, cache_size: int = 4096,
-                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> None:
+                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+                 weight_files: Sequence[Path] = ()) -> None:
         super().__init__()
         self.model = model
+        # The files the weights came from (.safetensors only): rewards/shared_text.py reads them to compare.
+        self.weight_files = [Path(f) for f in weight_files if Path(f).suffix == ".safetensors"]
         self.tokenizer = tokenizer
         self.cache = PromptEmbeddingCache(cache_size)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -160,19 +163,24 @@ def resolve_tokenizer(folder: Path | None, tokenizer_path: str = "") -> Any:
     raise ConfigError(f"no CLIP tokenizer found in {', '.join(map(str, candidates))}; pass options.tokenizer_path")
 
 
-def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
+def _folder_weight_files(folder: Path) -> list[Path]:
+    """The weight file(s) of a transformers folder: the shards of model.safetensors.index.json, else the first
+    of _WEIGHT_FILES present."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # sharded checkpoint
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, Tensor] = {}
-        for f in files:
-            sd.update(read_state_dict(folder / f))
-        return sd
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for name in _WEIGHT_FILES:
         if (folder / name).is_file():
-            return read_state_dict(folder / name)
+            return [folder / name]
     raise FileNotFoundError(f"CLIP folder '{folder}' holds none of {', '.join(_WEIGHT_FILES)} "
                             "(or model.safetensors.index.json)")
+
+
+def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
+    sd: dict[str, Tensor] = {}
+    for f in _folder_weight_files(folder):
+        sd.update(read_state_dict(f))
+    return sd
 
 
 def _materialise_position_ids(model: nn.Module) -> nn.Module:
@@ -265,7 +273,8 @@ def load_clip_tower(path: str | Path, *, arch: str = "auto", with_text: bool = T
     if with_text and tokenizer is None:
         tokenizer = resolve_tokenizer(p if p.is_dir() else None, tokenizer_path)
     logger.info("Loaded %s from %s (%s, %s, text side: %s)", what, p, type(model).__name__, dtype, with_text)
-    return ClipTower(model, tokenizer, cache_size=cache_size, mean=mean, std=std)
+    files = _folder_weight_files(p) if p.is_dir() else [p]
+    return ClipTower(model, tokenizer, cache_size=cache_size, mean=mean, std=std, weight_files=files)
 
 
 # Options every CLIP-tower reward accepts in `[[rewards]] options = {...}`.
