@@ -1,13 +1,15 @@
 """Issue 12's GPU measurements, run by benchmarks/gpu.sh: SD1.5 at 512x512, K = 5, 25 DDIM steps.
 
 Suites (`--only`, default all):
-  step     ours (bf16 towers, checkpoint='auto' under the default CUDA budget) vs the official recipe
+  step     ours (bf16 towers, checkpoint / checkpoint_vae / checkpoint_towers 'auto' under the default CUDA budget)
+           vs the official recipe
            (baseline_official.py: fp32 with TF32, UNet and tower weight gradients, plain VAE decode), batch 1 and 4,
            on a PickScore-sized reward (open_clip ViT-H/14, random weights): s/sample, samples/s, MFU, peak memory.
   speed    ours at batch 1 with each speed option on alone: channels_last, torch.compile (inductor).
   recipe   the full four-reward recipe (aesthetic on CLIP ViT-L/14, PickScore ViT-H/14, HPSv2 ViT-H/14, CLIP score
            ViT-g/14, all in their published architectures, random weights), ours, batch 1 and 4: peak memory and
-           s/sample; batch 1 must stay under 20 GiB to train on a 24 GB card.
+           s/sample, under train.memory_budget_gb = 20 (the policy recomputes what that budget needs); batch 1 must
+           stay under 20 GiB to train on a 24 GB card.
 
 Peak memory of an arm = what its Trainer holds after building (weights, optimizer state) + the step's peak above
 that (`max_memory_allocated`), so arms can share one process and still report what a process running only that
@@ -44,6 +46,12 @@ TOWER_FWD = {"ViT-L-14": 162.0, "ViT-H-14": 335.0, "ViT-g-14": 534.0}
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
+# Ours: recompute only what the memory budget needs (memory_policy.py), UNet calls first, then the decoder, then
+# the CLIP transformers. The full recipe runs under a 20 GiB budget: what a 24 GB card leaves (issue 12).
+AUTO = ("sampler.checkpoint=auto", "sampler.checkpoint_vae=auto", "sampler.checkpoint_towers=auto")
+RECIPE_BUDGET_GB = 20.0
+
+
 def useful_gflop(num_steps: int, k: int, towers: list[str]) -> float:
     """One sample's useful work: CFG sampler forward, K input-gradient backwards, VAE forward+backward, towers
     forward+input backward (about twice the forward)."""
@@ -52,11 +60,12 @@ def useful_gflop(num_steps: int, k: int, towers: list[str]) -> float:
 
 
 def executed_gflop(num_steps: int, k: int, towers: list[str], recomputed_calls: int, vae_recomputed: bool,
-                   unet_weight_grads: bool) -> float:
-    """What a step really runs per sample: the useful work plus recomputed UNet calls (and decoder), plus the
-    official code's UNet weight gradients (about one forward per call)."""
+                   unet_weight_grads: bool, towers_recomputed: bool = False) -> float:
+    """What a step really runs per sample: the useful work plus recomputed UNet calls (and decoder, and the towers'
+    image sides when checkpointed per layer), plus the official code's UNet weight gradients (about one forward
+    per call)."""
     return (useful_gflop(num_steps, k, towers) + recomputed_calls * 2 * UNET_FWD + vae_recomputed * VAE_FWD
-            + unet_weight_grads * k * 2 * UNET_FWD)
+            + towers_recomputed * sum(TOWER_FWD.get(t, 0.0) for t in towers) + unet_weight_grads * k * 2 * UNET_FWD)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -186,12 +195,13 @@ def measure(arms: dict[str, list[str]], batch: int, rounds: int, towers: list[st
         recomputed = cfg.grad_steps - plan.plain_unet_calls if plan.plain_unet_calls is not None else (
             0 if cfg.checkpoint == "none" else cfg.grad_steps)  # 'step': every graph-carrying call
         ran = executed_gflop(cfg.num_steps, cfg.grad_steps, towers, recomputed, plan.vae not in (False, "false"),
-                             any(p.requires_grad for p in trainer.unet.parameters()))
+                             any(p.requires_grad for p in trainer.unet.parameters()), bool(plan.towers))
         s = statistics.median(times[name])
         row = {"arm": name, "batch": batch, "s_per_step": s, "s_per_sample": s / batch, "samples_per_s": batch / s,
                "times_s": times[name], "resident_gib": resident / 2**30, "step_peak_gib": max(peaks[name]) / 2**30,
                "peak_gib": (resident + max(peaks[name])) / 2**30, "useful_tflop_per_sample": gflop / 1e3,
-               "executed_tflop_per_sample": ran / 1e3, "grad_cosine_vs_first_arm": cosine[name], "plain_unet_calls": plan.plain_unet_calls, "vae": str(plan.vae)}
+               "executed_tflop_per_sample": ran / 1e3, "grad_cosine_vs_first_arm": cosine[name], "plain_unet_calls": plan.plain_unet_calls, "vae": str(plan.vae),
+               "towers_checkpointed": bool(plan.towers)}
         if peak:
             row["mfu"] = gflop * 1e9 * batch / s / (peak * 1e12)
             row["hfu"] = ran * 1e9 * batch / s / (peak * 1e12)
@@ -217,11 +227,11 @@ def suites(s: Setup, workdir: Path, device_name: str) -> dict:
     def step():
         return [row for b in s.batches for row in measure(
             {"baseline": _overrides(s, workdir / f"base{b}", b, pick),
-             "ours": _overrides(s, workdir / f"ours{b}", b, pick, bf16, "sampler.checkpoint=auto",
-                                "sampler.checkpoint_vae=auto")}, b, s.rounds, pick_archs, device_name)]
+             "ours": _overrides(s, workdir / f"ours{b}", b, pick, bf16, *AUTO)}, b, s.rounds, pick_archs,
+                                device_name)]
 
     def speed():
-        common = (bf16, "sampler.checkpoint=auto", "sampler.checkpoint_vae=auto")
+        common = (bf16, *AUTO)
         # On CPU (smoke) inductor's C++ compiles take minutes: dynamo's capture alone ('eager') checks the wiring.
         backend = "ops.compile_backend=inductor" if s.device == "cuda" else "ops.compile_backend=eager"
         return measure({"ours": _overrides(s, workdir / "plain", 1, pick, *common),
@@ -232,7 +242,8 @@ def suites(s: Setup, workdir: Path, device_name: str) -> dict:
 
     def recipe():
         return [row for b in s.batches for row in measure(
-            {"ours": _overrides(s, workdir / f"recipe{b}", b, full, bf16)}, b, s.rounds, full_archs, device_name)]
+            {"ours": _overrides(s, workdir / f"recipe{b}", b, full, bf16, *AUTO, f"train.memory_budget_gb={RECIPE_BUDGET_GB}")},
+            b, s.rounds, full_archs, device_name)]
 
     return {"step": step, "speed": speed, "recipe": recipe}
 

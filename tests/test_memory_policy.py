@@ -3,6 +3,8 @@ it chooses for a budget, that its choice changes no gradient, and that its estim
 for backward. (Per-stage VAE checkpointing is tested with the sampler, tests/test_sampler.py.)"""
 import dataclasses
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,43 @@ def test_the_estimate_is_the_steps_bytes_saved_for_backward(tmp_path, profile, p
     # Exact, except over by a little when the first graph-carrying call is plain: its input latent comes from
     # the no-grad steps, so the UNet layers before the first cross-attention keep nothing there.
     assert measured == estimate if plain < K else measured < estimate <= 1.05 * measured, (measured, estimate)
+
+
+@pytest.fixture(scope="module")
+def tower_overrides(tmp_path_factory):
+    """A reward with a CLIP tower (a small random one, written as a reward folder): what checkpoint_towers acts on."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from random_towers import write_random_clip
+
+    clip = write_random_clip(tmp_path_factory.mktemp("tower") / "clip")
+    return [f'rewards=[{{name="clip_score", path="{clip}"}}]', "sampler.checkpoint=auto",
+            "sampler.checkpoint_vae=auto", "sampler.checkpoint_towers=auto"]
+
+
+def test_auto_checkpoints_the_clip_transformers_only_after_the_unet_calls_and_the_decoder(tmp_path, tower_overrides):
+    profile = _trainer(tmp_path / "profile", *tower_overrides).memory_plan.profile
+    assert profile.tower_layers == 2 + 2  # the tower's image side and the tiny encoder, 2 layers each
+    assert profile.rewards_checkpointed < profile.rewards and profile.encoder_checkpointed < profile.encoder
+    leanest_plain_towers, with_towers = profile.peak(K, 0, "blocks"), profile.peak(K, 0, "blocks", True)
+    assert with_towers < leanest_plain_towers
+    ample = _trainer(tmp_path / "ample", *tower_overrides, "train.memory_budget_gb=1000000.0").memory_plan
+    assert (ample.plain_unet_calls, ample.vae, ample.towers) == (K, False, False) and ample.fits
+    # A budget that no plan with plain transformers meets (every UNet call and decoder stage checkpointed or not),
+    # and the leanest plan with them checkpointed does:
+    budget = (with_towers + leanest_plain_towers) / 2
+    assert all(profile.peak(K, plain, vae) > budget for plain in range(K + 1) for vae in (False, "blocks"))
+    trainer = _trainer(tmp_path / "tight", *tower_overrides, f"train.memory_budget_gb={budget / GIB!r}")
+    plan = trainer.memory_plan
+    assert plan.towers is True and plan.fits and plan.plain_unet_calls < K
+    # That plan really keeps what its estimate says (the layers are checkpointed, not just planned) ...
+    models = [trainer.text_encoder, trainer.unet, trainer.vae, trainer.rewards]
+    ignore = [t for m in models for t in (*m.parameters(), *m.buffers())]
+    trainer.generator.manual_seed(0)
+    measured, _ = saved_tensor_bytes(lambda: trainer.forward(PROMPTS, K), ignore)
+    assert measured == profile.kept(K, plan.plain_unet_calls, plan.vae, True)
+    # ... and computes the gradient of the plan with nothing recomputed.
+    plain = _trainer(tmp_path / "plain", *tower_overrides[:1], "sampler.checkpoint=none", "sampler.checkpoint_vae=false")
+    got, expected_grads = _grads(trainer), _grads(plain)
+    assert got.keys() == expected_grads.keys() and len(got) > 0
+    for name in got:
+        torch.testing.assert_close(got[name], expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -78,10 +78,11 @@ class SamplerConfig:
     'blocks' = each decoder stage (mid block, every up block, output head) separately, so backward holds one
     stage's graph at a time; false = plain; 'auto' (only with checkpoint='auto') = plain, or 'blocks' when the
     memory budget needs it after every UNet call is checkpointed."""
-    checkpoint_towers: bool = False
+    checkpoint_towers: bool | Literal["auto"] = False
     """Checkpoint the CLIP transformers on the gradient path one layer at a time: each reward tower's image side
     and the trainable text encoder (textcraftor_fast/layer_checkpointing.py). A ViT-L/14 reward keeps ~340 MiB
-    per image for backward without it; with it, its layer inputs, for one more forward of each tower."""
+    per image for backward without it; with it, its layer inputs, for one more forward of each tower. 'auto'
+    (only with checkpoint='auto'): only when the memory budget needs it after the UNet calls and the decoder."""
     train_uncond: bool = True
     """The unconditional embedding comes from the trainable encoder (paper); False keeps it frozen."""
 
@@ -100,6 +101,9 @@ class SamplerConfig:
         _check(self.checkpoint_vae != "auto" or self.checkpoint == "auto", f"{prefix}.checkpoint_vae",
                f"true, false or 'blocks' when {prefix}.checkpoint={self.checkpoint!r} ('auto' needs "
                f"{prefix}.checkpoint='auto')", self.checkpoint_vae)
+        _check(self.checkpoint_towers != "auto" or self.checkpoint == "auto", f"{prefix}.checkpoint_towers",
+               f"true or false when {prefix}.checkpoint={self.checkpoint!r} ('auto' needs {prefix}.checkpoint='auto')",
+               self.checkpoint_towers)
         if self.switch_step is not None:
             _check(0 <= self.switch_step <= self.num_steps - self.grad_steps, f"{prefix}.switch_step",
                    f"an integer in [0, num_steps - grad_steps = {self.num_steps - self.grad_steps}] or unset",

@@ -184,11 +184,11 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
         # A reward tower whose text transformer is the original encoder's (SD1.5's is CLIP ViT-L/14's) uses it.
         share_text_transformers(self.original_encoder, self.rewards)
-        if cfg.sampler.checkpoint_towers:
-            trained = [self.text_encoder] if any(p.requires_grad for p in self.text_encoder.parameters()) else []
-            n = sum(checkpoint_each_layer(m) for m in [*reward_vision_towers(self.rewards), *trained])
-            logger.info("Checkpointing %d transformer layers (reward towers' image sides%s)", n,
-                        " and the text encoder" if trained else "")
+        # What sampler.checkpoint_towers covers: the towers' image sides and the encoder, when it trains.
+        trained = [self.text_encoder] if any(p.requires_grad for p in self.text_encoder.parameters()) else []
+        self.tower_modules = [*reward_vision_towers(self.rewards), *trained]
+        if cfg.sampler.checkpoint_towers is True:
+            self._checkpoint_towers()
         self.speed = apply_speed_options(cfg.ops, self.device, unets, self.vae, self.rewards,
                                          vae_blocks=cfg.sampler.checkpoint_vae == "blocks")
         self.evaluator = None
@@ -250,9 +250,18 @@ class Trainer:
         cfg, b = self.cfg, self.cfg.train.batch_size
         probe = StepProbe(self.text_encoder, self._tokenize([""] * (b + 1)), self.unet, self.vae, self.rewards,
                           self.schedule, cfg.sampler, (b, self.latent_channels, self.latent_size, self.latent_size),
-                          self._autocast, self.fused_step)
-        return apply_memory_policy(cfg.sampler, cfg.train.memory_budget_gb, self.device, probe,
+                          self._autocast, self.fused_step,
+                          tuple(self.tower_modules) if cfg.sampler.checkpoint_towers == "auto" else ())
+        plan = apply_memory_policy(cfg.sampler, cfg.train.memory_budget_gb, self.device, probe,
                                    training_state_bytes(self.params, cfg.optim.name))
+        if cfg.sampler.checkpoint_towers == "auto" and plan.towers:
+            self._checkpoint_towers()
+        return plan
+
+    def _checkpoint_towers(self) -> None:
+        n = sum(checkpoint_each_layer(m) for m in self.tower_modules)
+        logger.info("Checkpointing %d CLIP transformer layers (the reward towers' image sides%s)", n,
+                    " and the text encoder" if self.text_encoder in self.tower_modules else "")
 
     # ------------------------------------------------------------------------------------------- step parts
     def _tokenize(self, prompts: list[str]) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_MARK = "_textcraftor_checkpointed"
+_ON = "_textcraftor_checkpoint"  # on a wrapped layer: whether the wrapper checkpoints (the memory policy toggles it)
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -31,18 +31,18 @@ def transformer_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _checkpointed(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():  # no graph to save: nothing to recompute later
+def _checkpointed(forward, layer: nn.Module, *args, **kwargs):
+    if not getattr(layer, _ON) or not torch.is_grad_enabled():  # off, or no graph to save
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def checkpoint_each_layer(model: nn.Module) -> int:
-    """Make every encoder layer of `model` recompute its activations in backward; returns how many layers
-    (idempotent: an already wrapped layer is not wrapped twice)."""
+def checkpoint_each_layer(model: nn.Module, enabled: bool = True) -> int:
+    """Make every encoder layer of `model` recompute its activations in backward (`enabled`), or run plain
+    again; returns how many layers. A layer is wrapped once, whatever the number of calls."""
     layers = transformer_layers(model)
     for layer in layers:
-        if not getattr(layer, _MARK, False):
-            layer.forward = functools.partial(_checkpointed, layer.forward)
-            setattr(layer, _MARK, True)
+        if not hasattr(layer, _ON):
+            layer.forward = functools.partial(_checkpointed, layer.forward, layer)
+        setattr(layer, _ON, enabled)
     return len(layers)

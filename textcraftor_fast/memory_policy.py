@@ -4,8 +4,10 @@ Checkpointing trades memory for a recomputed forward. 'auto' measures, once at b
 training step keeps for backward (`memory.saved_tensor_bytes`, parameters excluded, at the training batch
 size) and checkpoints as few of the K graph-carrying UNet calls as fit `train.memory_budget_gb`; only when
 every call is checkpointed and the step still does not fit does the VAE decoder go per stage
-(sampler.checkpoint_vae = 'auto'). UNet calls go first because one costs a UNet forward to recompute while
-the decoder at 512 px costs about three (paper/NOTES.md's FLOP model).
+(sampler.checkpoint_vae = 'auto'), and only then the CLIP transformers one layer at a time
+(sampler.checkpoint_towers = 'auto': E and R below become their checkpointed sizes, plus one recomputed layer in
+the rewards' backward). UNet calls go first because one costs a UNet forward to recompute while the decoder at
+512 px costs about three (paper/NOTES.md's FLOP model).
 
 Peak memory of a step on top of the loaded weights, as autograd frees it (backward runs in reverse order,
 and the checkpointed calls are the earliest ones, so their recompute comes after every later graph is gone):
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SamplerConfig
+from .layer_checkpointing import checkpoint_each_layer
 from .memory import saved_tensor_bytes
 from .sampler import DDIMSchedule, guided_ddim_step, vae_decoder_stages
 
@@ -55,6 +58,11 @@ class StepProfile:
     vae_input: int  # the latents: what a one-piece checkpoint keeps
     rewards: int  # the image post-processing and the reward towers' graphs
     fixed: int  # encoder gradients + optimizer state
+    # The same two with the CLIP transformers checkpointed per layer (layer_checkpointing.py), and how many layers
+    # that wraps; equal to the plain ones (and 0 layers) when sampler.checkpoint_towers is not 'auto'.
+    encoder_checkpointed: int = 0
+    rewards_checkpointed: int = 0
+    tower_layers: int = 0
 
     def vae_kept(self, mode: VaeMode) -> int:
         if mode == "blocks":
@@ -66,19 +74,29 @@ class StepProfile:
             return max(self.vae_stages)
         return sum(self.vae_stages) if mode else 0
 
-    def kept(self, calls: int, plain_calls: int, vae: VaeMode) -> int:
-        """Bytes saved for backward at the end of the forward, `plain_calls` of `calls` UNet calls plain."""
+    def kept(self, calls: int, plain_calls: int, vae: VaeMode, towers: bool = False) -> int:
+        """Bytes saved for backward at the end of the forward, `plain_calls` of `calls` UNet calls plain, the CLIP
+        transformers checkpointed per layer when `towers`."""
         ckpt = calls - plain_calls
         shared = self.embeddings if ckpt else 0
-        return (self.encoder + plain_calls * self.unet_call + ckpt * self.unet_call_checkpointed + shared
-                + self.vae_kept(vae) + self.rewards)
+        encoder, rewards = (self.encoder_checkpointed, self.rewards_checkpointed) if towers else (self.encoder,
+                                                                                                  self.rewards)
+        return (encoder + plain_calls * self.unet_call + ckpt * self.unet_call_checkpointed + shared
+                + self.vae_kept(vae) + rewards)
 
-    def peak(self, calls: int, plain_calls: int, vae: VaeMode) -> int:
+    def tower_layer_recompute(self) -> int:
+        """One recomputed layer's graph, what a checkpointed tower's backward adds (the layers' mean)."""
+        return (self.rewards - self.rewards_checkpointed) // max(1, self.tower_layers)
+
+    def peak(self, calls: int, plain_calls: int, vae: VaeMode, towers: bool = False) -> int:
         """Estimated peak bytes of the step (the module docstring's two phases)."""
         ckpt = calls - plain_calls
+        kept = self.kept(calls, plain_calls, vae, towers)
+        rewards = self.rewards_checkpointed if towers else self.rewards
         # The rewards' backward frees their graph before the decoder recomputes.
-        start = self.kept(calls, plain_calls, vae) + max(0, self.vae_recompute(vae) - self.rewards)
-        recompute = self.encoder + self.embeddings + ckpt * self.unet_call_checkpointed + self.unet_call
+        start = kept + max(self.tower_layer_recompute() if towers else 0, self.vae_recompute(vae) - rewards)
+        encoder = self.encoder_checkpointed if towers else self.encoder
+        recompute = encoder + self.embeddings + ckpt * self.unet_call_checkpointed + self.unet_call
         return self.fixed + max(start, recompute if ckpt else 0)
 
 
@@ -88,6 +106,7 @@ class MemoryPlan:
 
     plain_unet_calls: int | None
     vae: VaeMode
+    towers: bool | None = None  # CLIP transformers per layer; None: sampler.checkpoint_towers as configured
     estimate_bytes: int | None = None
     budget_bytes: int | None = None
     profile: StepProfile | None = None  # what the estimate was made from ('auto' only)
@@ -111,6 +130,7 @@ class StepProbe:
     latent_shape: tuple[int, int, int, int]  # (B, C, h, w)
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     fused_step: bool = False
+    towers: tuple[nn.Module, ...] = ()  # the transformers checkpoint_towers='auto' may checkpoint per layer
 
 
 def training_state_bytes(params: Sequence[Tensor], optimizer: str) -> int:
@@ -143,6 +163,11 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
     device = probe.prompt_ids.device
     with probe.autocast():
         encoder, emb = saved_tensor_bytes(lambda: probe.text_encoder(probe.prompt_ids)[0], ignore)
+        encoder_ckpt, tower_layers = encoder, 0
+        if probe.towers:
+            tower_layers = _checkpoint_towers(probe.towers, True)
+            encoder_ckpt, _ = saved_tensor_bytes(lambda: probe.text_encoder(probe.prompt_ids)[0], ignore)
+            _checkpoint_towers(probe.towers, False)
         cond, uncond = emb[:b].detach().requires_grad_(), emb[b:].detach().requires_grad_()
         noise = torch.Generator(device).manual_seed(0)  # not the global RNG: a probe must not shift the run's draws
         x = torch.randn(probe.latent_shape, generator=noise, device=device).requires_grad_()
@@ -163,24 +188,39 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
             stages.append(nbytes)
         images = out.detach().requires_grad_()
         prompts = [""] * decode_batch
-        rewards, _ = saved_tensor_bytes(lambda: probe.rewards((images.float() / 2 + 0.5).clamp(0, 1), prompts),
-                                        ignore)
+        score = lambda: probe.rewards((images.float() / 2 + 0.5).clamp(0, 1), prompts)  # noqa: E731
+        rewards, _ = saved_tensor_bytes(score, ignore)
+        rewards_ckpt = rewards
+        if probe.towers:
+            _checkpoint_towers(probe.towers, True)
+            rewards_ckpt, _ = saved_tensor_bytes(score, ignore)
+            _checkpoint_towers(probe.towers, False)
     return StepProfile(encoder, unet_call, unet_ckpt - embeddings, embeddings, tuple(stages), stage_inputs,
-                       z.numel() * z.element_size(), rewards, fixed_bytes)
+                       z.numel() * z.element_size(), rewards, fixed_bytes, encoder_ckpt, rewards_ckpt, tower_layers)
 
 
-def choose_plan(profile: StepProfile, calls: int, budget: int | None, vae: VaeMode) -> MemoryPlan:
-    """The plan with the fewest UNet calls checkpointed that fits (then the decoder per stage, when vae is
-    'auto'); with no budget, no recomputation; when nothing fits, the leanest plan (its estimate says so)."""
+def _checkpoint_towers(towers: Sequence[nn.Module], on: bool) -> int:
+    return sum(checkpoint_each_layer(m, on) for m in towers)
+
+
+def choose_plan(profile: StepProfile, calls: int, budget: int | None, vae: VaeMode,
+                towers: bool | str = False) -> MemoryPlan:
+    """The plan with the fewest UNet calls checkpointed that fits, then the decoder per stage (vae 'auto'), then
+    the CLIP transformers per layer (towers 'auto'); with no budget, no recomputation; when nothing fits, the
+    leanest plan (its estimate says so)."""
     vae_modes: list[VaeMode] = [False, "blocks"] if vae == "auto" else [vae]
+    tower_modes = [False, True] if towers == "auto" else [bool(towers)]
     if budget is None:
-        return MemoryPlan(calls, vae_modes[0], profile.peak(calls, calls, vae_modes[0]), None, profile)
-    for mode in vae_modes:
-        for plain in range(calls, -1, -1):
-            estimate = profile.peak(calls, plain, mode)
-            if estimate <= budget:
-                return MemoryPlan(plain, mode, estimate, budget, profile)
-    return MemoryPlan(0, vae_modes[-1], profile.peak(calls, 0, vae_modes[-1]), budget, profile)
+        return MemoryPlan(calls, vae_modes[0], tower_modes[0],
+                          profile.peak(calls, calls, vae_modes[0], tower_modes[0]), None, profile)
+    for on in tower_modes:
+        for mode in vae_modes:
+            for plain in range(calls, -1, -1):
+                estimate = profile.peak(calls, plain, mode, on)
+                if estimate <= budget:
+                    return MemoryPlan(plain, mode, on, estimate, budget, profile)
+    leanest = (0, vae_modes[-1], tower_modes[-1])
+    return MemoryPlan(*leanest, profile.peak(calls, *leanest), budget, profile)
 
 
 def _gib(n: int) -> str:
@@ -190,13 +230,19 @@ def _gib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def profile_has_towers(plan: MemoryPlan) -> bool:
+    return plan.profile is not None and plan.profile.tower_layers > 0
+
+
 def _describe(plan: MemoryPlan, calls: int) -> str:
     vae = {False: "plain", True: "checkpointed whole", "blocks": "checkpointed per stage"}[plan.vae]
+    towers = "" if not profile_has_towers(plan) else (
+        ", CLIP transformers " + ("checkpointed per layer" if plan.towers else "plain"))
     profile = plan.profile
     assert plan.plain_unet_calls is not None and plan.estimate_bytes is not None and profile is not None
     budget = _gib(plan.budget_bytes) if plan.budget_bytes is not None else "none (CPU, train.memory_budget_gb unset)"
     return (f"Memory policy (checkpoint=auto): {calls - plan.plain_unet_calls} of {calls} UNet calls checkpointed, "
-            f"VAE decode {vae}; estimated peak {_gib(plan.estimate_bytes)}, budget {budget} (per UNet call "
+            f"VAE decode {vae}{towers}; estimated peak {_gib(plan.estimate_bytes)}, budget {budget} (per UNet call "
             f"{_gib(profile.unet_call)} plain / {_gib(profile.unet_call_checkpointed)} checkpointed, VAE "
             f"{_gib(sum(profile.vae_stages))}, rewards {_gib(profile.rewards)}, encoder {_gib(profile.encoder)}, "
             f"gradients + optimizer state {_gib(profile.fixed)})")
@@ -207,16 +253,17 @@ def apply_memory_policy(cfg: SamplerConfig, budget_gb: float | None, device: tor
     """The step's checkpoint plan: from the config as written, or for checkpoint='auto' measured and fitted to
     the budget (one INFO line says the choice, the estimate and the budget; a WARNING when nothing fits)."""
     if cfg.checkpoint != "auto":
-        return MemoryPlan(None, cfg.checkpoint_vae)
+        return MemoryPlan(None, cfg.checkpoint_vae, bool(cfg.checkpoint_towers))
     budget = resolve_budget(budget_gb, device)  # before the probe, whose blocks the CUDA allocator keeps cached
     profile = measure_step(probe, fixed_bytes)
     calls = cfg.draft_lv_samples if cfg.draft_lv_samples > 0 else cfg.grad_steps
-    plan = choose_plan(profile, calls, budget, cfg.checkpoint_vae)
+    plan = choose_plan(profile, calls, budget, cfg.checkpoint_vae, cfg.checkpoint_towers)
     logger.info(_describe(plan, calls))
     if not plan.fits:
-        vae_hint = "" if cfg.checkpoint_vae in ("auto", "blocks") else ", set sampler.checkpoint_vae='auto'"
+        hints = "" if cfg.checkpoint_vae in ("auto", "blocks") else ", set sampler.checkpoint_vae='auto'"
+        hints += "" if cfg.checkpoint_towers in ("auto", True) else ", sampler.checkpoint_towers='auto'"
         logger.warning("Memory policy: even with every UNet call checkpointed the step is estimated at %s, over "
                        "the %s budget: lower train.batch_size, use train.mixed_precision=bf16%s or raise "
                        "train.memory_budget_gb", _gib(plan.estimate_bytes or 0), _gib(plan.budget_bytes or 0),
-                       vae_hint)
+                       hints)
     return plan
