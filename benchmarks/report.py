@@ -37,8 +37,10 @@ def _machine(data: dict) -> list[str]:
 def _sd15_step(bench: dict) -> list[str]:
     arms = {k: v for k, v in bench["extra_info"].items() if isinstance(v, dict) and "median_step_s" in v}
     lines = ["## Training step at SD1.5 scale on CPU: ours vs the official recipe",
-             "", "16x16 latent, batch 1, 25 DDIM steps, K = 5, a CLIP ViT-L/14-sized clip_score tower; each arm in "
-             "its own process (peak RSS per process), arms interleaved (`benchmarks/sd15_step.py`).", "",
+             "", "16x16 latent, batch 1, 25 DDIM steps, K = 5, a CLIP ViT-L/14 clip_score tower whose text half is the SD "
+             "file's text encoder (as for the published weights); lean also checkpoints the CLIP transformers per "
+             "layer; each arm in its own process (peak RSS per process), arms interleaved "
+             "(`benchmarks/sd15_step.py`).", "",
              "| arm | median s/step [min, max] | samples/s | peak RSS GiB | x baseline speed | x baseline peak RSS | "
              "target (speed, RSS) | met |", "|---|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():

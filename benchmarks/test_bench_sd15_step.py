@@ -1,6 +1,6 @@
 """A training step at SD1.5 scale on CPU, ours (lean and fast) vs the official recipe, each arm in its own process
-(benchmarks/sd15_step.py): 16x16 latent, batch 1, 25 DDIM steps, K = 5, a CLIP ViT-L/14-sized clip_score tower,
-random weights saved and loaded by the real loaders. Results: benchmarks/results/latest-sd15_step.json.
+(benchmarks/sd15_step.py): 16x16 latent, batch 1, 25 DDIM steps, K = 5, a CLIP ViT-L/14 clip_score tower (its text half the
+SD file's encoder), random weights saved and loaded by the real loaders. Results: benchmarks/results/latest-sd15_step.json.
 
   make bench                                                   # with the other suites
   pytest benchmarks/test_bench_sd15_step.py --benchmark-only -s # alone (about 12 minutes on 2 cores)
