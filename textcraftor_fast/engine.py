@@ -259,7 +259,7 @@ class Trainer:
         return plan
 
     def _checkpoint_towers(self) -> None:
-        n = sum(checkpoint_each_layer(m) for m in self.tower_modules)
+        n = checkpoint_each_layer(*self.tower_modules)
         logger.info("Checkpointing %d CLIP transformer layers (the reward towers' image sides%s)", n,
                     " and the text encoder" if self.text_encoder in self.tower_modules else "")
 

@@ -37,10 +37,10 @@ def _checkpointed(forward, layer: nn.Module, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def checkpoint_each_layer(model: nn.Module, enabled: bool = True) -> int:
-    """Make every encoder layer of `model` recompute its activations in backward (`enabled`), or run plain
+def checkpoint_each_layer(*models: nn.Module, enabled: bool = True) -> int:
+    """Make every encoder layer of `models` recompute its activations in backward (`enabled`), or run plain
     again; returns how many layers. A layer is wrapped once, whatever the number of calls."""
-    layers = transformer_layers(model)
+    layers = [layer for model in models for layer in transformer_layers(model)]
     for layer in layers:
         if not hasattr(layer, _ON):
             layer.forward = functools.partial(_checkpointed, layer.forward, layer)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SamplerConfig
-from .layer_checkpointing import checkpoint_each_layer
+from .layer_checkpointing import checkpoint_each_layer, transformer_layers
 from .memory import saved_tensor_bytes
 from .sampler import DDIMSchedule, guided_ddim_step, vae_decoder_stages
 
@@ -162,12 +162,9 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
     decode_batch = b * max(1, s.draft_lv_samples)
     device = probe.prompt_ids.device
     with probe.autocast():
-        encoder, emb = saved_tensor_bytes(lambda: probe.text_encoder(probe.prompt_ids)[0], ignore)
-        encoder_ckpt, tower_layers = encoder, 0
-        if probe.towers:
-            tower_layers = _checkpoint_towers(probe.towers, True)
-            encoder_ckpt, _ = saved_tensor_bytes(lambda: probe.text_encoder(probe.prompt_ids)[0], ignore)
-            _checkpoint_towers(probe.towers, False)
+        encode = lambda: probe.text_encoder(probe.prompt_ids)[0]  # noqa: E731
+        encoder, emb = saved_tensor_bytes(encode, ignore)
+        encoder_ckpt = _checkpointed_bytes(probe.towers, encode, ignore) if probe.towers else encoder
         cond, uncond = emb[:b].detach().requires_grad_(), emb[b:].detach().requires_grad_()
         noise = torch.Generator(device).manual_seed(0)  # not the global RNG: a probe must not shift the run's draws
         x = torch.randn(probe.latent_shape, generator=noise, device=device).requires_grad_()
@@ -190,17 +187,19 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
         prompts = [""] * decode_batch
         score = lambda: probe.rewards((images.float() / 2 + 0.5).clamp(0, 1), prompts)  # noqa: E731
         rewards, _ = saved_tensor_bytes(score, ignore)
-        rewards_ckpt = rewards
-        if probe.towers:
-            _checkpoint_towers(probe.towers, True)
-            rewards_ckpt, _ = saved_tensor_bytes(score, ignore)
-            _checkpoint_towers(probe.towers, False)
+        rewards_ckpt = _checkpointed_bytes(probe.towers, score, ignore) if probe.towers else rewards
+    tower_layers = sum(len(transformer_layers(m)) for m in probe.towers)
     return StepProfile(encoder, unet_call, unet_ckpt - embeddings, embeddings, tuple(stages), stage_inputs,
                        z.numel() * z.element_size(), rewards, fixed_bytes, encoder_ckpt, rewards_ckpt, tower_layers)
 
 
-def _checkpoint_towers(towers: Sequence[nn.Module], on: bool) -> int:
-    return sum(checkpoint_each_layer(m, on) for m in towers)
+def _checkpointed_bytes(towers: Sequence[nn.Module], fn: Callable[[], object], ignore: list[Tensor]) -> int:
+    """saved_tensor_bytes of fn() with the layers of `towers` checkpointed, left plain again afterwards."""
+    checkpoint_each_layer(*towers)
+    try:
+        return saved_tensor_bytes(fn, ignore)[0]
+    finally:
+        checkpoint_each_layer(*towers, enabled=False)
 
 
 def choose_plan(profile: StepProfile, calls: int, budget: int | None, vae: VaeMode,
@@ -230,16 +229,12 @@ def _gib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def profile_has_towers(plan: MemoryPlan) -> bool:
-    return plan.profile is not None and plan.profile.tower_layers > 0
-
-
 def _describe(plan: MemoryPlan, calls: int) -> str:
     vae = {False: "plain", True: "checkpointed whole", "blocks": "checkpointed per stage"}[plan.vae]
-    towers = "" if not profile_has_towers(plan) else (
-        ", CLIP transformers " + ("checkpointed per layer" if plan.towers else "plain"))
     profile = plan.profile
     assert plan.plain_unet_calls is not None and plan.estimate_bytes is not None and profile is not None
+    towers = "" if not profile.tower_layers else (
+        ", CLIP transformers " + ("checkpointed per layer" if plan.towers else "plain"))
     budget = _gib(plan.budget_bytes) if plan.budget_bytes is not None else "none (CPU, train.memory_budget_gb unset)"
     return (f"Memory policy (checkpoint=auto): {calls - plan.plain_unet_calls} of {calls} UNet calls checkpointed, "
             f"VAE decode {vae}{towers}; estimated peak {_gib(plan.estimate_bytes)}, budget {budget} (per UNet call "
