@@ -29,10 +29,12 @@ import torch
 from torch import Tensor
 
 from . import checkpointing
-from .config import TrainConfig, to_toml
+from .config import ConfigError, TrainConfig, to_toml
 from .data import PromptStream, open_prompts
+from .backward_step import StepInBackward
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
+from .host_memory import trim_host_heap
 from .layer_checkpointing import checkpoint_each_layer
 from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from .models.components import drop_vae_encoder
@@ -99,6 +101,10 @@ class _SpikeMonitor:
         return spiked
 
 
+def _trim_host_heap_hook(grad: Tensor) -> None:
+    trim_host_heap()
+
+
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,9 @@ class Trainer:
         self.dist = init_distributed(cfg.distributed, device_type)
         self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
+        # On the host, each step's freed activations stay in RSS under glibc and raise the next peak (at SD1.5 size
+        # ~0.3 GiB, docs/performance.md): the heap is trimmed as a step starts and when backward reaches the encoder.
+        self._trim_host = self.device.type == "cpu"
         # The same seed on every rank: whatever a stage initialises at random (LoRA's down projections) must be
         # identical on all of them, or each rank trains its own adapters (the two-rank UNet-stage test caught it).
         torch.manual_seed(cfg.seed)
@@ -218,6 +227,12 @@ class Trainer:
         self.ds = (DeepSpeedEncoder(self.stage.trainable, self.optimizer, cfg, self.dist.world_size)
                    if cfg.distributed.backend == "deepspeed" else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.mixed_precision == "fp16")
+        self.backward_step = None
+        if cfg.optim.step_in_backward:
+            if self.dist.world_size > 1:  # each rank would step on its own gradient: the ranks drift apart
+                raise ConfigError(f"config key 'optim.step_in_backward': expected false when launched on "
+                                  f"{self.dist.world_size} processes (gradients must be averaged before any step)")
+            self.backward_step = StepInBackward(self.optimizer, self.params, cfg.train.nan_guard)
         # The same generators on every rank: each rank draws the noise of the whole global batch and keeps
         # its own rows (forward), and K is the same everywhere, so results do not depend on the rank count.
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919)
@@ -253,7 +268,7 @@ class Trainer:
                           self._autocast, self.fused_step,
                           tuple(self.tower_modules) if cfg.sampler.checkpoint_towers == "auto" else ())
         plan = apply_memory_policy(cfg.sampler, cfg.train.memory_budget_gb, self.device, probe,
-                                   training_state_bytes(self.params, cfg.optim.name))
+                                   training_state_bytes(self.params, cfg.optim.name, cfg.optim.step_in_backward))
         if cfg.sampler.checkpoint_towers == "auto" and plan.towers:
             self._checkpoint_towers()
         return plan
@@ -293,6 +308,8 @@ class Trainer:
         with self._autocast():
             trainable = self._trainable_embeddings(ids)
             cond = trainable.cond
+            if self._trim_host and cond.requires_grad:  # runs once the sampler, decoder and rewards are through
+                cond.register_hook(_trim_host_heap_hook)
             x_T = self._rank_rows(lambda n: torch.randn((n, self.latent_channels, self.latent_size,
                                                          self.latent_size), generator=self.generator,
                                                         device=self.device), len(prompts))  # (B, 4, h, w)
@@ -337,6 +354,8 @@ class Trainer:
         if self.ds is not None:  # [deepspeed] it scales by 1/accumulation itself and steps at the boundary
             self.ds.backward_and_step(loss)
             return metrics
+        if self.backward_step is not None and self.cfg.train.nan_guard and not math.isfinite(metrics["loss"]):
+            return metrics  # backward would step on non-finite gradients: nothing moves, the step is skipped
         self.scaler.scale(loss * scale).backward()
         return metrics
 
@@ -346,6 +365,10 @@ class Trainer:
         t0 = time.perf_counter()
         k = self._grad_steps()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._trim_host:
+            trim_host_heap()
+        if self.backward_step is not None:
+            self.backward_step.begin()
         o = self.cfg.optim
         set_lr(self.optimizer, o.lr * lr_factor(self.step, o.warmup_steps, cfg.steps, o.lr_schedule))
         accum: dict[str, float] = {}
@@ -364,6 +387,14 @@ class Trainer:
                                    f"{metrics['loss']}, grad norm {metrics['grad_norm']}); prompts: "
                                    f"{self.last_prompts}; resume from the last checkpoint with a lower optim.lr")
             return metrics
+        if self.backward_step is not None:  # every tensor has stepped inside backward
+            stepped = self.backward_step
+            skipped = cfg.nan_guard and (stepped.skipped > 0 or not math.isfinite(accum["loss"]))
+            if stepped.skipped:
+                logger.warning("Step %d: %d of %d tensors had non-finite gradients and were not updated "
+                               "(optim.step_in_backward: the other %d were)", self.step + 1, stepped.skipped,
+                               stepped.skipped + stepped.stepped, stepped.stepped)
+            return self._step_metrics(accum, k, stepped.grad_norm if not skipped else float("nan"), skipped, t0)
         average_gradients(self.params, self.dist)
         self.scaler.unscale_(self.optimizer)
         finite = math.isfinite(accum["loss"]) and grads_finite(self.params)

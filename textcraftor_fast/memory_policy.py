@@ -133,10 +133,13 @@ class StepProbe:
     towers: tuple[nn.Module, ...] = ()  # the transformers checkpoint_towers='auto' may checkpoint per layer
 
 
-def training_state_bytes(params: Sequence[Tensor], optimizer: str) -> int:
-    """Gradients + optimizer state of the trainable parameters (allocated at the first step, after build)."""
+def training_state_bytes(params: Sequence[Tensor], optimizer: str, step_in_backward: bool = False) -> int:
+    """Gradients + optimizer state of the trainable parameters (allocated at the first step, after build). With
+    optim.step_in_backward one gradient exists at a time: the largest."""
     per_param = _STATE_BYTES_PER_PARAM.get(optimizer, 8.0)
-    return int(sum(p.numel() * (p.element_size() + per_param) for p in params))
+    state = sum(p.numel() * per_param for p in params)
+    grads = [p.numel() * p.element_size() for p in params]
+    return int(state + (max(grads, default=0) if step_in_backward else sum(grads)))
 
 
 def resolve_budget(budget_gb: float | None, device: torch.device) -> int | None:

@@ -1,12 +1,11 @@
 """The bundle of Stable Diffusion parts the engine trains with, and where the shipped SD1.5 configs live."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..host_memory import release_freed_host_memory
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -51,16 +50,6 @@ def drop_vae_encoder(vae: AutoencoderKL) -> int:
             setattr(vae, name, None)
     release_freed_host_memory()
     return freed
-
-
-def release_freed_host_memory() -> None:
-    """Hand memory freed on the host back to the OS now (glibc keeps freed heap pages mapped, so a freed tensor
-    of a few MB would still count in the process's RSS); a no-op where the C library has no malloc_trim."""
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
-    if trim is not None:
-        trim(0)
 
 
 def encode_prompts(text_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> Tensor:
