@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from textcraftor_fast.backward_step import StepInBackward
 from textcraftor_fast.config import ConfigError
-from textcraftor_fast.engine import Trainer
+from textcraftor_fast.engine import Trainer, train
 from textcraftor_fast.memory_policy import training_state_bytes
 from textcraftor_fast.rewards import REWARDS
 from tests.test_engine import cfg_for
@@ -98,6 +99,15 @@ def test_training_matches_the_usual_step_and_reports_its_norm(tmp_path):
     for p, q in zip(usual.params, fused.params):
         assert torch.equal(p, q)
         assert q.grad is None
+
+
+def test_a_resumed_run_continues_exactly(tmp_path):
+    on = ["optim.step_in_backward=true", "train.checkpointing_steps=1"]
+    straight = train(cfg_for(tmp_path / "a", *on, "train.steps=2"))
+    train(cfg_for(tmp_path / "b", *on, "train.steps=1"))
+    resumed = train(cfg_for(tmp_path / "b", *on, "train.steps=2", 'train.resume_from_checkpoint="latest"'))
+    a, b = load_file(straight.text_encoder / "model.safetensors"), load_file(resumed.text_encoder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_a_non_finite_loss_skips_the_whole_step(tmp_path, monkeypatch):

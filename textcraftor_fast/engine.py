@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from . import checkpointing
+from .backward_step import StepInBackward
 from .config import ConfigError, TrainConfig, to_toml
 from .data import PromptStream, open_prompts
-from .backward_step import StepInBackward
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
 from .host_memory import trim_host_heap
