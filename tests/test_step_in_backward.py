@@ -14,6 +14,7 @@ from textcraftor_fast.engine import Trainer, train
 from textcraftor_fast.memory_policy import training_state_bytes
 from textcraftor_fast.rewards import REWARDS
 from tests.test_engine import cfg_for
+from tests.test_stages import cfg_for as stage_cfg_for
 
 
 def _model() -> nn.Module:
@@ -99,6 +100,19 @@ def test_training_matches_the_usual_step_and_reports_its_norm(tmp_path):
     for p, q in zip(usual.params, fused.params):
         assert torch.equal(p, q)
         assert q.grad is None
+
+
+def test_the_unet_stage_matches_too(tmp_path):
+    """LoRA adapters are used by every graph-carrying UNet call (checkpointed): each tensor's hook must fire once, after
+    the last call's gradient has been added, or it would step on a partial gradient."""
+    usual = Trainer(stage_cfg_for(tmp_path / "a"))
+    fused = Trainer(stage_cfg_for(tmp_path / "b", "optim.step_in_backward=true"))
+    for _ in range(2):
+        a, b = usual.train_step(), fused.train_step()
+        assert b["skipped"] == 0 and a["loss"] == b["loss"]
+    assert len(usual.params) == len(fused.params) > 0
+    for p, q in zip(usual.params, fused.params):
+        assert torch.equal(p, q)
 
 
 def test_a_resumed_run_continues_exactly(tmp_path):
