@@ -116,3 +116,7 @@ def test_checkpoint_choices_name_the_key_and_the_valid_ones():
         load_config(None, TINY + ["sampler.checkpoint_vae=auto"])
     with pytest.raises(ConfigError, match=r"'train\.memory_budget_gb': expected a float > 0"):
         load_config(None, TINY + ["train.memory_budget_gb=0"])
+    assert load_config(None, TINY + ["sampler.checkpoint_unet_blocks=true"]).sampler.checkpoint_unet_blocks is True
+    with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_unet_blocks': expected false when "
+                                          r"sampler\.checkpoint='none'"):
+        load_config(None, TINY + ["sampler.checkpoint=none", "sampler.checkpoint_unet_blocks=true"])

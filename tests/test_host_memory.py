@@ -1,5 +1,10 @@
-"""On CPU the engine trims the C heap at the start of each step and once backward has left the sampler, decoder and
-rewards, before the encoder's gradients exist (docs/performance.md: the freed activations otherwise stay in RSS)."""
+"""On CPU the engine trims the C heap at the start of each step, before backward, and at each boundary of backward:
+before the decoder's recompute, before each checkpointed UNet call's recompute and before the encoder's gradients
+exist (docs/performance.md: glibc otherwise keeps each piece's freed activations resident into the next one's peak).
+"""
+import pytest
+import torch
+
 import textcraftor_fast.engine as engine
 from textcraftor_fast.engine import Trainer
 from textcraftor_fast.host_memory import _malloc_trim
@@ -10,13 +15,40 @@ def test_glibc_has_malloc_trim():
     assert _malloc_trim() is not None  # the CI machines run glibc: the trims below are real calls
 
 
-def test_each_step_trims_at_its_start_and_before_the_encoder_backward(tmp_path, monkeypatch):
-    trainer = Trainer(cfg_for(tmp_path))
-    calls = []
+def _record_trims_and_recomputes(trainer, monkeypatch) -> list[tuple[str, object]]:
+    """Events in order: ('trim', encoder tensors holding a gradient) and ('unet' | 'decoder', in backward)."""
+    events: list[tuple[str, object]] = []
     monkeypatch.setattr(engine, "trim_host_heap",
-                        lambda: calls.append(sum(p.grad is not None for p in trainer.params)))
+                        lambda: events.append(("trim", sum(p.grad is not None for p in trainer.params))))
+    in_backward = lambda: torch._C._current_graph_task_id() != -1
+    for name, module in (("unet", trainer.unet), ("decoder", trainer.vae.decoder)):
+        module.register_forward_pre_hook(lambda m, args, name=name: events.append((name, in_backward())))
+    return events
+
+
+@pytest.mark.parametrize("draft_lv", [0, 2])
+def test_each_recompute_in_backward_starts_after_a_trim(tmp_path, monkeypatch, draft_lv):
+    trainer = Trainer(cfg_for(tmp_path, "sampler.checkpoint=step", "sampler.checkpoint_vae=true",
+                              f"sampler.draft_lv_samples={draft_lv}"))
+    events = _record_trims_and_recomputes(trainer, monkeypatch)
     for _ in range(2):
+        events.clear()
         trainer.train_step()
-    assert calls[::2] == [0, 0]  # step start: the previous step's gradients were cleared first
-    assert calls[1::2] == [0, 0]  # in backward, before any encoder gradient
-    assert len(calls) == 4
+        assert events[0] == ("trim", 0)  # step start: the previous step's gradients were cleared first
+        forward_end = max(i for i, (name, flag) in enumerate(events) if name != "trim" and flag is False)
+        calls = draft_lv or trainer.cfg.sampler.grad_steps  # graph-carrying UNet calls, each checkpointed
+        assert events[forward_end + 1:] == [
+            ("trim", 0),  # before backward
+            ("trim", 0), ("decoder", True),  # the rewards are through: before the decode's recompute
+            *[("trim", 0), ("unet", True)] * calls,  # after everything downstream of a call, before its recompute
+            ("trim", 0),  # the sampler is through, no encoder gradient exists yet
+        ]
+
+
+def test_no_trims_off_cpu_paths(tmp_path, monkeypatch):
+    """The trims are for glibc's heap: a Trainer not on the CPU registers none (no hook on the graph)."""
+    trainer = Trainer(cfg_for(tmp_path))
+    trainer._trim_host = False  # what a CUDA device sets (engine: device.type == 'cpu')
+    events = _record_trims_and_recomputes(trainer, monkeypatch)
+    trainer.train_step()
+    assert not [e for e in events if e[0] == "trim"]

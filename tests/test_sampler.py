@@ -1,4 +1,5 @@
 """The differentiable sampler against diffusers, and the checkpoint policies against the plain graph."""
+import collections
 import dataclasses
 
 import pytest
@@ -8,7 +9,8 @@ from textcraftor_fast.config import SamplerConfig
 from textcraftor_fast.memory import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.rewards.simple import ColorfulnessReward
-from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_latents, vae_decoder_stages
+from textcraftor_fast.sampler import (Embeddings, decode_latents, make_schedule, sample_latents, unet_blocks,
+                                     vae_decoder_stages)
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
@@ -77,15 +79,53 @@ def _encoder_grad(tiny, cfg, k):
     return grads
 
 
-@pytest.mark.parametrize("policy,ckpt_vae", [("step", True), ("every_n", False), ("step", False), ("step", "blocks")])
-def test_checkpointed_and_plain_give_the_same_encoder_gradient(tiny, policy, ckpt_vae):
+@pytest.mark.parametrize("policy,ckpt_vae,unet_blocks", [
+    ("step", True, False), ("every_n", False, False), ("step", False, False), ("step", "blocks", False),
+    ("step", "blocks", True), ("every_n", True, True)])
+def test_checkpointed_and_plain_give_the_same_encoder_gradient(tiny, policy, ckpt_vae, unet_blocks):
     base = SamplerConfig(num_steps=6, grad_steps=4, checkpoint="none", checkpoint_vae=False)
     plain = _encoder_grad(tiny, base, 4)
-    ckpt = _encoder_grad(tiny, dataclasses.replace(base, checkpoint=policy, checkpoint_vae=ckpt_vae), 4)
+    ckpt = _encoder_grad(tiny, dataclasses.replace(base, checkpoint=policy, checkpoint_vae=ckpt_vae,
+                                                   checkpoint_unet_blocks=unet_blocks), 4)
     assert plain.keys() == ckpt.keys() and len(plain) > 0
     assert any(g.abs().max() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_unet_blocks_are_recomputed_one_at_a_time_never_the_whole_call(tiny):
+    """Backward re-runs each block of each checkpointed call once; as one piece (the default) it re-runs the whole
+    UNet call, and with checkpoint_unet_blocks never (so no recompute holds more than one block's graph)."""
+    blocks = unet_blocks(tiny.unet)
+    assert len(blocks) == len(tiny.unet.down_blocks) + 1 + len(tiny.unet.up_blocks) > 3
+    recomputed: list[str] = []
+    in_backward = lambda: torch._C._current_graph_task_id() != -1
+    # A checkpoint recomputes through the block's own forward, not its __call__: its first resnet's hook sees it.
+    named = [("unet", tiny.unet), *((f"block{i}", b.resnets[0]) for i, b in enumerate(blocks))]
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: recomputed.append(name) if in_backward()
+                                           else None) for name, m in named]
+    try:
+        counts = {}
+        for per_block in (False, True):
+            recomputed.clear()
+            cfg = SamplerConfig(num_steps=6, grad_steps=3, checkpoint="step", checkpoint_vae=False,
+                                checkpoint_unet_blocks=per_block)
+            _encoder_grad(tiny, cfg, 3)
+            counts[per_block] = collections.Counter(recomputed)
+    finally:
+        for h in handles:
+            h.remove()
+    each_block = {f"block{i}": 3 for i in range(len(blocks))}
+    assert counts[False] == {"unet": 3, **each_block}
+    assert counts[True] == each_block
+    # the switch is off again after each call: a later plain call (checkpoint='auto') checkpoints nothing
+    assert all(getattr(b, "_textcraftor_checkpoint") is False for b in blocks)
+
+
+def test_unet_blocks_need_a_diffusers_unet():
+    with pytest.raises(ValueError, match=r"checkpoint_unet_blocks needs .*Linear lacks down_blocks.*"
+                                         r"checkpoint_unet_blocks=false"):
+        unet_blocks(torch.nn.Linear(2, 2))
 
 
 def _step_bytes(tiny, policy, k):
@@ -122,6 +162,8 @@ def test_saved_bytes_are_flat_in_k_with_checkpointing_and_linear_without(tiny):
 
 def test_decoder_stages_are_the_decode_bit_for_bit(tiny):
     vae = tiny.vae
+    per_layer = sum(len(b.resnets) + len(b.upsamplers or ()) for b in vae.decoder.up_blocks)
+    assert len(vae_decoder_stages(vae)) == 2 + per_layer > 2 + len(vae.decoder.up_blocks)  # up blocks split
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         x = z
@@ -146,7 +188,8 @@ def test_per_stage_vae_checkpointing_same_gradient_fewer_bytes(tiny):
         nbytes, image, grad = runs[mode]
         assert torch.equal(image, plain_image)
         torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
-    # Exact: per stage, only its input is kept; then the clamp's input (the image). Plain keeps 10x that here.
+    # Exact: per stage, only its input is kept; then the clamp's input (the image). Plain keeps 6.6x that here
+    # (this tiny VAE is mostly resnets, each now a stage; SD1.5's decoder at 128 px: 78 vs 356 MiB).
     z = latents / vae.config.scaling_factor
     inputs, x = 0, z
     with torch.no_grad():
@@ -156,7 +199,7 @@ def test_per_stage_vae_checkpointing_same_gradient_fewer_bytes(tiny):
     image_bytes = plain_image.numel() * plain_image.element_size()
     assert runs["blocks"][0] == inputs + image_bytes
     assert runs[True][0] == z.numel() * z.element_size() + image_bytes
-    assert runs["blocks"][0] * 10 < plain_bytes
+    assert runs["blocks"][0] * 5 < plain_bytes
 
 
 def test_stages_need_a_diffusers_decoder():

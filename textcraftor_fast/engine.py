@@ -42,7 +42,7 @@ from .ops import apply_ops, resolve_backend
 from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .rewards.shared_text import share_text_transformers
-from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents
+from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents, unet_blocks
 from .speed import apply_speed_options, reward_vision_towers
 from .stages import build_stage, checkpoint_files
 
@@ -177,6 +177,8 @@ class Trainer:
         cast = {"dtype": self.amp_dtype} if cfg.train.mixed_precision != "no" else {}
         self.stage = build_stage(cfg, comp, self.device, cast)
         self.unet, self.text_encoder = self.stage.unet, self.stage.text_encoder
+        if cfg.sampler.checkpoint_unet_blocks:
+            unet_blocks(self.unet)  # a UNet without diffusers' blocks fails here, naming the key, not in step 1
         self.original_encoder = self.stage.original_encoder
         # Training only decodes: the VAE's encoder half is freed before anything is cast or moved.
         vae_encoder_bytes = drop_vae_encoder(comp.vae)
@@ -308,8 +310,12 @@ class Trainer:
         with self._autocast():
             trainable = self._trainable_embeddings(ids)
             cond = trainable.cond
-            if self._trim_host and cond.requires_grad:  # runs once the sampler, decoder and rewards are through
-                cond.register_hook(_trim_host_heap_hook)
+            # On CPU, freed pages go back to the OS at each boundary of backward: before the decoder's and each
+            # UNet call's recompute (hooks on their outputs' gradients) and before the encoder's backward
+            # (cond's); glibc would keep each piece's activations resident into the next one's peak.
+            trim = _trim_host_heap_hook if self._trim_host else None
+            if trim is not None and cond.requires_grad:
+                cond.register_hook(trim)
             x_T = self._rank_rows(lambda n: torch.randn((n, self.latent_channels, self.latent_size,
                                                          self.latent_size), generator=self.generator,
                                                         device=self.device), len(prompts))  # (B, 4, h, w)
@@ -317,12 +323,14 @@ class Trainer:
                 (n, *x.shape[1:]), generator=self.generator, device=x.device, dtype=x.dtype), x.shape[0])
             plain_calls = self.memory_plan.plain_unet_calls
             latents = sample_latents(self.unet, self.schedule, x_T, frozen, trainable, s, k, noise_fn,
-                                     self.fused_step, plain_calls)
+                                     self.fused_step, plain_calls, trim)
             if s.draft_lv_samples > 0:
                 latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator,
-                                           self.fused_step, plain_calls)
+                                           self.fused_step, plain_calls, trim)
                 prompts = prompts * s.draft_lv_samples
             images = decode_latents(self.vae, latents.to(self.vae.dtype), self.memory_plan.vae)  # (B, 3, H, W)
+            if trim is not None and images.requires_grad:
+                images.register_hook(trim)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}
@@ -356,6 +364,8 @@ class Trainer:
             return metrics
         if self.backward_step is not None and self.cfg.train.nan_guard and not math.isfinite(metrics["loss"]):
             return metrics  # backward would step on non-finite gradients: nothing moves, the step is skipped
+        if self._trim_host:  # the forward's freed activations, before backward's recomputes need pages
+            trim_host_heap()
         self.scaler.scale(loss * scale).backward()
         return metrics
 

@@ -37,12 +37,19 @@ def _checkpointed(forward, layer: nn.Module, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def checkpoint_modules(modules: list[nn.Module], enabled: bool = True) -> None:
+    """Make each of `modules` keep only its inputs when called with grad and recompute its graph in backward
+    (`enabled`), or run plain again. A module is wrapped once, whatever the number of calls; toggling is an
+    attribute write, cheap enough to do around every call."""
+    for module in modules:
+        if not hasattr(module, _ON):
+            module.forward = functools.partial(_checkpointed, module.forward, module)
+        setattr(module, _ON, enabled)
+
+
 def checkpoint_each_layer(*models: nn.Module, enabled: bool = True) -> int:
     """Make every encoder layer of `models` recompute its activations in backward (`enabled`), or run plain
-    again; returns how many layers. A layer is wrapped once, whatever the number of calls."""
+    again; returns how many layers."""
     layers = [layer for model in models for layer in transformer_layers(model)]
-    for layer in layers:
-        if not hasattr(layer, _ON):
-            layer.forward = functools.partial(_checkpointed, layer.forward, layer)
-        setattr(layer, _ON, enabled)
+    checkpoint_modules(layers, enabled)
     return len(layers)

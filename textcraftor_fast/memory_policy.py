@@ -52,6 +52,7 @@ class StepProfile:
     encoder: int  # the trainable text encoder's graph (batch prompts + the unconditional one)
     unet_call: int  # one graph-carrying CFG UNet call + DDIM update, plain
     unet_call_checkpointed: int  # the same call checkpointed, which keeps only its inputs: here its latent
+    # (with sampler.checkpoint_unet_blocks, its blocks' inputs)
     embeddings: int  # cond + uncond embeddings, which every checkpointed call keeps, shared
     vae_stages: tuple[int, ...]  # each decoder stage, plain (vae_decoder_stages order)
     vae_stage_inputs: int  # the stages' inputs: what per-stage checkpointing keeps
@@ -172,12 +173,14 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
         noise = torch.Generator(device).manual_seed(0)  # not the global RNG: a probe must not shift the run's draws
         x = torch.randn(probe.latent_shape, generator=noise, device=device).requires_grad_()
 
-        def call(checkpointed: bool) -> Tensor:
+        def call(checkpointed: bool | str) -> Tensor:
             return guided_ddim_step(probe.unet, step, x, cond, uncond, s.guidance_scale,
                                     probe.schedule.prediction_type, None, checkpointed, probe.fused_step)
 
         unet_call, latents = saved_tensor_bytes(lambda: call(False), ignore)
-        unet_ckpt, _ = saved_tensor_bytes(lambda: call(True), ignore)
+        # With checkpoint_unet_blocks a checkpointed call keeps its blocks' inputs; its recompute is still counted
+        # as a whole call's graph (U): an over-estimate by the largest block's share.
+        unet_ckpt, _ = saved_tensor_bytes(lambda: call("blocks" if s.checkpoint_unet_blocks else True), ignore)
         embeddings = sum(e.numel() * e.element_size() for e in (cond, uncond))
         z = latents.detach().to(probe.vae.dtype).repeat(decode_batch // b, 1, 1, 1)
         stages, stage_inputs, out = [], 0, z

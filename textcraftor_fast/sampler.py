@@ -4,7 +4,8 @@ TextCraftor's step: the early steps run with no graph at all on the ORIGINAL (fr
 embeddings; from the switch step on, the trainable encoder's embeddings are used; only the last K steps
 keep a graph. Each graph-carrying UNet call is checkpointed (non-reentrant) so memory stays flat in K:
 a step keeps only its input latent and the embeddings, and one UNet recompute is alive at a time during
-backward. cond and uncond go through the UNet in ONE batched call.
+backward (with `checkpoint_unet_blocks`, one UNet block's). cond and uncond go through the UNet in ONE
+batched call.
 
 Timesteps and coefficients come from diffusers' own `DDIMScheduler` (built from the model's scheduler
 config with our spacing), so the no-grad trajectory equals diffusers' loop; the step arithmetic is
@@ -12,6 +13,8 @@ re-written here with Python-float coefficients, which keeps it differentiable an
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import SamplerConfig
+from .layer_checkpointing import checkpoint_modules
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,45 @@ def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The down blocks, mid block and up blocks of a diffusers UNet2DConditionModel-style UNet: what
+    `checkpoint_unet_blocks` checkpoints one by one."""
+    parts = ("down_blocks", "mid_block", "up_blocks")
+    missing = [p for p in parts if getattr(unet, p, None) is None]
+    if missing:
+        raise ValueError(f"sampler.checkpoint_unet_blocks needs a diffusers UNet2DConditionModel-style UNet with "
+                         f"{', '.join(parts)}; {type(unet).__name__} lacks {', '.join(missing)}: set "
+                         "sampler.checkpoint_unet_blocks=false (each call checkpointed as one piece)")
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+
+@contextlib.contextmanager
+def blocks_checkpointed(unet: nn.Module) -> Iterator[None]:
+    """Inside the block, a UNet call with grad keeps only its blocks' inputs (and the few small layers between
+    them); backward recomputes one block's graph at a time: the same recompute as checkpointing the whole call,
+    at the largest block's memory instead of the whole call's (SD1.5 at a 16x16 latent, CFG batch 2: 65 vs
+    198 MiB, benchmarks/README.md)."""
+    blocks = unet_blocks(unet)
+    checkpoint_modules(blocks, enabled=True)
+    try:
+        yield
+    finally:
+        checkpoint_modules(blocks, enabled=False)
+
+
+def _checkpointed_call(fn: Callable[..., Any], use_checkpoint: bool | str, unet: nn.Module, *args: Tensor) -> Any:
+    """fn(*args) plain (False), checkpointed as one piece (True) or with `unet`'s blocks checkpointed ('blocks')."""
+    if use_checkpoint == "blocks":
+        with blocks_checkpointed(unet):
+            return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args)
+
+
 def guided_ddim_step(unet: nn.Module, step: DDIMStep, x: Tensor, cond: Tensor, uncond: Tensor,
                      guidance_scale: float, prediction_type: str, noise: Tensor | None = None,
-                     use_checkpoint: bool = False, fused: bool = False) -> Tensor:
-    """x_t -> x_prev: the guided UNet call (checkpointed when asked), then the DDIM update.
+                     use_checkpoint: bool | str = False, fused: bool = False) -> Tensor:
+    """x_t -> x_prev: the guided UNet call (checkpointed when asked: True = as one piece, 'blocks' = block by
+    block, see `blocks_checkpointed`), then the DDIM update.
 
     ``fused`` (ops.backend = cpp) runs guidance + update as the native ``cfg_ddim_step`` op, one pass instead
     of ~6 elementwise kernels, equal to this torch path to float rounding (tests/test_native_ops.py); it
@@ -148,13 +187,12 @@ def guided_ddim_step(unet: nn.Module, step: DDIMStep, x: Tensor, cond: Tensor, u
         from .native import cfg_ddim_step
 
         fn = lambda x_, c_, u_: cfg_model_outputs(unet, x_, step.timestep, c_, u_)
-        out_uncond, out_cond = checkpoint(fn, x, cond, uncond, use_reentrant=False) if use_checkpoint \
-            else fn(x, cond, uncond)
+        out_uncond, out_cond = _checkpointed_call(fn, use_checkpoint, unet, x, cond, uncond)
         x_prev, _ = cfg_ddim_step(x, out_uncond, out_cond, guidance_scale, step.sqrt_alpha,
                                   step.sqrt_one_minus_alpha, step.sqrt_alpha_prev, step.direction, prediction_type)
         return _add_noise(step, x_prev, noise)
     fn = lambda x_, c_, u_: guided_model_output(unet, x_, step.timestep, c_, u_, guidance_scale)
-    out = checkpoint(fn, x, cond, uncond, use_reentrant=False) if use_checkpoint else fn(x, cond, uncond)
+    out = _checkpointed_call(fn, use_checkpoint, unet, x, cond, uncond)
     return ddim_update(step, x, out, prediction_type, noise)[0]
 
 
@@ -162,6 +200,12 @@ def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: i
     """Config for no-grad sampling (use with grad_steps=0) that switches embeddings at `switch_step`."""
     return SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, grad_steps=1,
                          switch_step=min(switch_step, num_steps - 1))
+
+
+def _checkpoint_mode(cfg: SamplerConfig, grad_index: int, calls: int, plain_calls: int | None) -> bool | str:
+    """guided_ddim_step's use_checkpoint for graph-carrying call `grad_index` of `calls`."""
+    ckpt = _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, grad_index, calls, plain_calls)
+    return "blocks" if ckpt and cfg.checkpoint_unet_blocks else ckpt
 
 
 def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, plain_calls: int | None) -> bool:
@@ -186,14 +230,15 @@ def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, pla
 def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
                    trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
                    noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False,
-                   plain_calls: int | None = None) -> Tensor:
+                   plain_calls: int | None = None, on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
     """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
 
     Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
     graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`; with 'auto', all
     but `plain_calls` of them). With `trainable=None` the whole chain is a plain no-grad sample on `frozen`
     (evaluation, base model). `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see
-    `guided_ddim_step`.
+    `guided_ddim_step`. `on_grad(grad)` runs as backward reaches each graph-carrying step's output: after
+    everything downstream of it, before its (recomputed) UNet call.
     """
     n = len(schedule.steps)
     k = cfg.grad_steps if grad_steps is None else grad_steps
@@ -212,17 +257,23 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
                                      schedule.prediction_type, noise, fused=fused_step)
             continue
         x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
-                             noise, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, i - (n - k), k,
-                                                       plain_calls), fused_step)
+                             noise, _checkpoint_mode(cfg, i - (n - k), k, plain_calls), fused_step)
+        _watch(x, on_grad)
     return x
+
+
+def _watch(x: Tensor, on_grad: Callable[[Tensor], None] | None) -> None:
+    if on_grad is not None and x.requires_grad:
+        x.register_hook(on_grad)
 
 
 def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
                      cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False,
-                     plain_calls: int | None = None) -> Tensor:
+                     plain_calls: int | None = None, on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
     """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
     differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B).
-    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain."""
+    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain. `on_grad`:
+    as in `sample_latents`, on each call's output."""
     last = schedule.steps[-1]
     x0 = final_latents.detach()
     outs = []
@@ -232,15 +283,17 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
         x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
         ckpt = (_should_checkpoint("auto", cfg.checkpoint_every, j, n, plain_calls) if cfg.checkpoint == "auto"
                 else cfg.checkpoint != "none")
+        ckpt = "blocks" if ckpt and cfg.checkpoint_unet_blocks else ckpt
         outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
                                      schedule.prediction_type, None, ckpt, fused_step))
+        _watch(outs[-1], on_grad)
     return torch.cat(outs)
 
 
 def vae_decoder_stages(vae: nn.Module) -> list[Callable[[Tensor], Tensor]]:
     """AutoencoderKL.decode (without tiling or slicing) as its stages, in diffusers' Decoder.forward order:
-    post_quant_conv + conv_in + mid block, each up block, then the output head (norm, act, conv_out), which at
-    full resolution keeps three activations of its own. Calling them in turn IS the decode (tests check it
+    post_quant_conv + conv_in + mid block, each up block's resnets and upsampler, then the output head (norm,
+    act, conv_out), which at full resolution keeps three activations of its own. Calling them in turn IS the decode (tests check it
     bit for bit); checkpointing each separately is `decode_latents(..., "blocks")`."""
     dec = getattr(vae, "decoder", None)
     parts = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
@@ -261,8 +314,20 @@ def vae_decoder_stages(vae: nn.Module) -> list[Callable[[Tensor], Tensor]]:
     def head(x: Tensor) -> Tensor:
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
 
-    ups = [lambda x, block=block: block(x, None) for block in dec.up_blocks]
+    ups = [stage for block in dec.up_blocks for stage in _up_block_stages(block)]
     return [first, *ups, head]
+
+
+def _up_block_stages(block: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """A diffusers UpDecoderBlock2D as its resnets and upsampler, in its forward's order (the full-resolution
+    block is the decoder's largest: SD1.5's keeps 168 MiB at 128 px, one of its resnets ~50); any other block
+    type whole."""
+    from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
+
+    if type(block) is not UpDecoderBlock2D:  # a subclass may change forward: keep it one piece
+        return [lambda x: block(x, None)]
+    return [*(lambda x, r=r: r(x, temb=None) for r in block.resnets),
+            *(lambda x, u=u: u(x) for u in (block.upsamplers or ()))]
 
 
 def _decode_in_stages(vae: nn.Module, z: Tensor) -> Tensor:
