@@ -34,7 +34,7 @@ from .config import ConfigError, TrainConfig, to_toml
 from .data import PromptStream, open_prompts
 from .deepspeed_backend import DeepSpeedEncoder
 from .distributed import all_mean, average_gradients, barrier, init_distributed, shutdown
-from .host_memory import trim_host_heap
+from .host_memory import trim_host_heap, trims_pay_off
 from .layer_checkpointing import checkpoint_each_layer
 from .memory_policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from .models.components import drop_vae_encoder
@@ -163,9 +163,6 @@ class Trainer:
         self.dist = init_distributed(cfg.distributed, device_type)
         self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
-        # On the host, each step's freed activations stay in RSS under glibc and raise the next peak (at SD1.5 size
-        # ~0.3 GiB, docs/performance.md): the heap is trimmed as a step starts and when backward reaches the encoder.
-        self._trim_host = self.device.type == "cpu"
         # The same seed on every rank: whatever a stage initialises at random (LoRA's down projections) must be
         # identical on all of them, or each rank trains its own adapters (the two-rank UNet-stage test caught it).
         torch.manual_seed(cfg.seed)
@@ -193,6 +190,10 @@ class Trainer:
         self.latent_channels = self.unet.config.in_channels
         self.latent_size = cfg.model.resolution // comp.vae_scale_factor
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
+        # On the host, each piece's freed activations stay in RSS under glibc and raise the next one's peak (at
+        # SD1.5 size ~0.15 GiB of a step's peak, docs/performance.md): with models of that size the heap is trimmed
+        # as a step starts, before backward and at each of backward's boundaries (forward's hooks).
+        self._trim_host = trims_pay_off(self.device, self.unet, self.vae, self.text_encoder)
         # A reward tower whose text transformer is the original encoder's (SD1.5's is CLIP ViT-L/14's) uses it.
         share_text_transformers(self.original_encoder, self.rewards)
         # What sampler.checkpoint_towers covers: the towers' image sides and the encoder, when it trains.
