@@ -80,8 +80,8 @@ class SamplerConfig:
     """Checkpoint the VAE decode (the official code does not; its full-resolution activations are the largest
     single cost): true = the whole decode as one piece (backward recomputes the whole decoder graph at once);
     'blocks' = each decoder stage (mid block, each resnet and upsampler of the up blocks, output head) separately,
-    so backward holds one stage's graph at a time; false = plain; 'auto' (only with checkpoint='auto') = plain, or 'blocks' when the
-    memory budget needs it after every UNet call is checkpointed."""
+    so backward holds one stage's graph at a time; false = plain; 'auto' (only with checkpoint='auto') = plain,
+    or 'blocks' when the memory budget needs it after every UNet call is checkpointed."""
     checkpoint_towers: bool | Literal["auto"] = False
     """Checkpoint the CLIP transformers on the gradient path one layer at a time: each reward tower's image side
     and the trainable text encoder (textcraftor_fast/layer_checkpointing.py). A ViT-L/14 reward keeps ~340 MiB

@@ -174,8 +174,11 @@ class Trainer:
         cast = {"dtype": self.amp_dtype} if cfg.train.mixed_precision != "no" else {}
         self.stage = build_stage(cfg, comp, self.device, cast)
         self.unet, self.text_encoder = self.stage.unet, self.stage.text_encoder
-        if cfg.sampler.checkpoint_unet_blocks:
-            unet_blocks(self.unet)  # a UNet without diffusers' blocks fails here, naming the key, not in step 1
+        if cfg.sampler.checkpoint_unet_blocks:  # a UNet without diffusers' blocks fails here, not in step 1
+            try:
+                unet_blocks(self.unet)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None  # the message names the key and the way out
         self.original_encoder = self.stage.original_encoder
         # Training only decodes: the VAE's encoder half is freed before anything is cast or moved.
         vae_encoder_bytes = drop_vae_encoder(comp.vae)
