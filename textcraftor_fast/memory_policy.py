@@ -179,7 +179,7 @@ def measure_step(probe: StepProbe, fixed_bytes: int) -> StepProfile:
 
         unet_call, latents = saved_tensor_bytes(lambda: call(False), ignore)
         # With checkpoint_unet_blocks a checkpointed call keeps its blocks' inputs; its recompute is still counted
-        # as a whole call's graph (U): an over-estimate by the largest block's share.
+        # as a whole call's graph (U) where one block's is alive: an over-estimate (SD1.5's largest block: U / 3).
         unet_ckpt, _ = saved_tensor_bytes(lambda: call("blocks" if s.checkpoint_unet_blocks else True), ignore)
         embeddings = sum(e.numel() * e.element_size() for e in (cond, uncond))
         z = latents.detach().to(probe.vae.dtype).repeat(decode_batch // b, 1, 1, 1)
