@@ -314,9 +314,9 @@ class Trainer:
         with self._autocast():
             trainable = self._trainable_embeddings(ids)
             cond = trainable.cond
-            # On CPU, freed pages go back to the OS at each boundary of backward: before the decoder's and each
-            # UNet call's recompute (hooks on their outputs' gradients) and before the encoder's backward
-            # (cond's); glibc would keep each piece's activations resident into the next one's peak.
+            # With SD-size models on CPU, freed pages go back to the OS at each boundary of backward: before the
+            # decoder's and each UNet call's recompute (hooks on their outputs' gradients) and before the encoder's
+            # backward (cond's); glibc would keep each piece's activations resident into the next one's peak.
             trim = _trim_host_heap_hook if self._trim_host else None
             if trim is not None and cond.requires_grad:
                 cond.register_hook(trim)

@@ -202,10 +202,9 @@ def switch_sampling_config(num_steps: int, guidance_scale: float, switch_step: i
                          switch_step=min(switch_step, num_steps - 1))
 
 
-def _checkpoint_mode(cfg: SamplerConfig, grad_index: int, calls: int, plain_calls: int | None) -> bool | str:
-    """guided_ddim_step's use_checkpoint for graph-carrying call `grad_index` of `calls`."""
-    ckpt = _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every, grad_index, calls, plain_calls)
-    return "blocks" if ckpt and cfg.checkpoint_unet_blocks else ckpt
+def _checkpoint_mode(cfg: SamplerConfig, checkpointed: bool) -> bool | str:
+    """guided_ddim_step's use_checkpoint for a call that is (or is not) checkpointed: whole, or block by block."""
+    return "blocks" if checkpointed and cfg.checkpoint_unet_blocks else checkpointed
 
 
 def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, plain_calls: int | None) -> bool:
@@ -257,7 +256,8 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
                                      schedule.prediction_type, noise, fused=fused_step)
             continue
         x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
-                             noise, _checkpoint_mode(cfg, i - (n - k), k, plain_calls), fused_step)
+                             noise, _checkpoint_mode(cfg, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every,
+                                                                             i - (n - k), k, plain_calls)), fused_step)
         _watch(x, on_grad)
     return x
 
@@ -283,9 +283,8 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
         x_t = last.sqrt_alpha * x0 + last.sqrt_one_minus_alpha * noise
         ckpt = (_should_checkpoint("auto", cfg.checkpoint_every, j, n, plain_calls) if cfg.checkpoint == "auto"
                 else cfg.checkpoint != "none")
-        ckpt = "blocks" if ckpt and cfg.checkpoint_unet_blocks else ckpt
         outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
-                                     schedule.prediction_type, None, ckpt, fused_step))
+                                     schedule.prediction_type, None, _checkpoint_mode(cfg, ckpt), fused_step))
         _watch(outs[-1], on_grad)
     return torch.cat(outs)
 
@@ -293,8 +292,8 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
 def vae_decoder_stages(vae: nn.Module) -> list[Callable[[Tensor], Tensor]]:
     """AutoencoderKL.decode (without tiling or slicing) as its stages, in diffusers' Decoder.forward order:
     post_quant_conv + conv_in + mid block, each up block's resnets and upsampler, then the output head (norm,
-    act, conv_out), which at full resolution keeps three activations of its own. Calling them in turn IS the decode (tests check it
-    bit for bit); checkpointing each separately is `decode_latents(..., "blocks")`."""
+    act, conv_out), which at full resolution keeps three activations of its own. Calling them in turn IS the
+    decode (tests check it bit for bit); checkpointing each separately is `decode_latents(..., "blocks")`."""
     dec = getattr(vae, "decoder", None)
     parts = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
     missing = [p for p in parts if not hasattr(dec, p)]
