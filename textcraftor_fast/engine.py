@@ -43,6 +43,7 @@ from .optim import build_optimizer, grads_finite, lr_factor, set_lr
 from .rewards import build_rewards, freeze
 from .rewards.shared_text import share_text_transformers
 from .sampler import Embeddings, decode_latents, draft_lv_latents, make_schedule, sample_latents, unet_blocks
+from .signals import DeliveredSignals
 from .speed import apply_speed_options, reward_vision_towers
 from .stages import build_stage, checkpoint_files
 
@@ -140,6 +141,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        self._delivered = DeliveredSignals()  # counts Ctrl-C presses inside train() (signals.py)
         self.tensorboard = None  # output.report_to = "tensorboard": opened by train(), closed by close()
         self.output_dir = Path(cfg.output.dir)
         _check_writable(self.output_dir)  # before any model loads: a bad output.dir fails in milliseconds
@@ -552,27 +554,32 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            # A second Ctrl-C: stop now. A save in progress is abandoned in its temporary folder; the last
-            # complete checkpoint is untouched (checkpointing.py).
+        presses = self._delivered.take(signal.SIGINT) if signum == signal.SIGINT else 0
+        if signum == signal.SIGINT and (self._stop_signal is not None or presses >= 2):
+            # A second Ctrl-C (maybe during the same long C call as the first: one handler run for both,
+            # signals.py): stop now. A save in progress is abandoned in its temporary folder; the last complete
+            # checkpoint is untouched (checkpointing.py).
+            logger.warning("Ctrl-C again: stopping at once, without saving (the last complete checkpoint is kept)")
             raise KeyboardInterrupt
+        # Set before logging: a second signal arriving meanwhile runs this handler again inside the first.
+        self._stop_signal = signum
         logger.warning("Received signal %d: finishing this step, saving a checkpoint, then stopping (resume with "
                        "--resume latest; press Ctrl-C again to stop at once without saving)", signum)
-        self._stop_signal = signum
 
     @contextlib.contextmanager
     def _signal_handlers(self):
         previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._on_signal)
-        except ValueError:  # not the main thread: signals stay with the caller
-            pass
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with DeliveredSignals() as self._delivered:
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm

@@ -1,0 +1,61 @@
+"""Count the signals the OS delivers, not the times Python's handler runs.
+
+CPython runs a Python-level signal handler between bytecodes of the main thread, once, however many times the
+signal arrived meanwhile: two Ctrl-C presses during one long C call (an SD1.5 UNet call on CPU takes seconds, a
+checkpoint's fsync can take a second) run the handler once, and the second press ("stop at once") was lost
+(seen: a double Ctrl-C 50 ms apart during a checkpoint save ended the run normally). CPython's C-level handler
+also writes one byte per delivery to the wakeup fd (`signal.set_wakeup_fd`); reading that pipe counts them.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+from types import TracebackType
+
+
+class DeliveredSignals:
+    """Inside the `with` block (main thread only), `take(signum)` says how many times `signum` was delivered
+    since the last `take`. Counts nothing (take returns 0) off the main thread or when another wakeup fd is
+    set (an asyncio loop's): that one is left in place."""
+
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = None
+        self._counts: collections.Counter[int] = collections.Counter()
+
+    def __enter__(self) -> DeliveredSignals:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)  # set_wakeup_fd requires it: a signal handler must never block
+        try:
+            previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            previous = None
+        if previous != -1:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(read)
+            os.close(write)
+            return self
+        self._fds = (read, write)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._fds is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+
+    def take(self, signum: int) -> int:
+        if self._fds is not None:
+            while True:
+                try:
+                    data = os.read(self._fds[0], 512)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                self._counts.update(data)  # one byte per delivery: the signal's number
+        return self._counts.pop(signum, 0)
