@@ -554,8 +554,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
-        presses = self._delivered.take(signal.SIGINT) if signum == signal.SIGINT else 0
-        if signum == signal.SIGINT and (self._stop_signal is not None or presses >= 2):
+        if signum == signal.SIGINT and (self._stop_signal is not None or self._delivered.take(signum) >= 2):
             # A second Ctrl-C (maybe during the same long C call as the first: one handler run for both,
             # signals.py): stop now. A save in progress is abandoned in its temporary folder; the last complete
             # checkpoint is untouched (checkpointing.py).

@@ -33,13 +33,13 @@ class DeliveredSignals:
             previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         except ValueError:  # not the main thread
             previous = None
-        if previous != -1:
-            if previous is not None:
-                signal.set_wakeup_fd(previous)
-            os.close(read)
-            os.close(write)
+        if previous == -1:
+            self._fds = (read, write)
             return self
-        self._fds = (read, write)
+        if previous is not None:  # another owner's (an asyncio loop's): put back
+            signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

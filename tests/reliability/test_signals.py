@@ -27,7 +27,8 @@ def _matmul_of(seconds: float) -> torch.Tensor:
         if took > 0.1:
             break
         n *= 2
-    return torch.randn(int(n * (seconds / took) ** (1 / 3)), int(n * (seconds / took) ** (1 / 3)))  # time ~ n^3
+    m = int(n * (seconds / took) ** (1 / 3))  # matmul time grows as n^3
+    return torch.randn(m, m)
 
 
 def _press_twice_during(call) -> list[float]:
