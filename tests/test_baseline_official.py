@@ -127,3 +127,23 @@ def test_checkpointing_the_towers_changes_no_gradient_and_keeps_less(pair, tmp_p
     mlp_hidden = 2 * (2 * 17 * 256 * 4)
     plain_bytes, checkpointed_bytes = kept(ours), kept(checkpointed)
     assert checkpointed_bytes <= plain_bytes - mlp_hidden, (plain_bytes, checkpointed_bytes)
+
+
+def test_only_ours_trims_the_host_heap(tmp_path, monkeypatch):
+    """The official code never returns freed pages to the OS; our engine does at the step's boundaries on CPU once
+    the models are large enough (host_memory.TRIM_MIN_MODEL_BYTES, lowered here so the tiny models qualify)."""
+    import textcraftor_fast.engine as engine
+    import textcraftor_fast.host_memory as host_memory
+
+    monkeypatch.setattr(host_memory, "TRIM_MIN_MODEL_BYTES", 0)
+    trims = []
+    monkeypatch.setattr(engine, "trim_host_heap", lambda: trims.append(1))
+    overrides = _overrides(tmp_path)
+    calls = {}
+    for name, build in (("ours", lambda: Trainer(load_config("configs/tiny_random.toml", overrides))),
+                        ("official", lambda: official_trainer("configs/tiny_random.toml", overrides))):
+        trainer = build()
+        trims.clear()
+        trainer.train_step()
+        calls[name] = len(trims)
+    assert calls["ours"] >= 2 and calls["official"] == 0, calls
