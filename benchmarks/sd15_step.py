@@ -4,9 +4,10 @@ process (peak RSS is per process), arms interleaved round by round so they share
 Arms (issue 12):
   baseline  the official step (baseline_official.py): UNet and the reward tower left requires_grad=True, every
             UNet call of the last K steps checkpointed, plain VAE decode, fp32, stock ops;
-  lean      ours, every graph-carrying UNet call and the VAE decode checkpointed (sampler.checkpoint=step), and
-            the tower's and text encoder's transformer layers (sampler.checkpoint_towers); each encoder tensor
-            steps inside backward (optim.step_in_backward: the same update, no whole gradient held);
+  lean      ours, every graph-carrying UNet call checkpointed (sampler.checkpoint=step), the VAE decode stage by
+            stage (checkpoint_vae=blocks), and the tower's and text encoder's transformer layers
+            (sampler.checkpoint_towers); each encoder tensor steps inside backward (optim.step_in_backward: the
+            same update, no whole gradient held);
   fast      ours, sampler.checkpoint=auto and checkpoint_vae=auto: with the budget ample (CPU's default),
             nothing is recomputed.
 Models: random weights in the SD1.5 architecture, one original-layout file through the real single-file loader;
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ARMS = ("baseline", "lean", "fast")
 ARM_OVERRIDES = {
     "baseline": [],  # baseline_official.OFFICIAL_OVERRIDES are added by official_trainer
-    "lean": ["sampler.checkpoint=step", "sampler.checkpoint_vae=true", "sampler.checkpoint_towers=true",
+    "lean": ["sampler.checkpoint=step", "sampler.checkpoint_vae=blocks", "sampler.checkpoint_towers=true",
              "optim.step_in_backward=true"],
     "fast": ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto"],
 }

@@ -1,4 +1,5 @@
-"""On CPU the engine trims the C heap at the start of each step, before backward, and at each boundary of backward:
+"""On CPU the engine trims the C heap at the start of each step, before the decoder's and the towers' forward,
+before backward, and at each boundary of backward:
 before the decoder's recompute, before each checkpointed UNet call's recompute and before the encoder's gradients
 exist (docs/performance.md: glibc otherwise keeps each piece's freed activations resident into the next one's peak).
 Only with models of SD size: a trim's page faults cost the tiny world's short steps ~30%.
@@ -48,9 +49,11 @@ def test_each_recompute_in_backward_starts_after_a_trim(tmp_path, monkeypatch, d
         events.clear()
         trainer.train_step()
         assert events[0] == ("trim", 0)  # step start: the previous step's gradients were cleared first
-        forward_end = max(i for i, (name, flag) in enumerate(events) if name != "trim" and flag is False)
+        last_sampler_call = max(i for i, event in enumerate(events) if event == ("unet", False))
         calls = draft_lv or trainer.cfg.sampler.grad_steps  # graph-carrying UNet calls, each checkpointed
-        assert events[forward_end + 1:] == [
+        assert events[last_sampler_call + 1:] == [
+            ("trim", 0), ("decoder", False),  # the sampler is through: before the decoder's forward
+            ("trim", 0),  # before the towers' forward
             ("trim", 0),  # before backward
             ("trim", 0), ("decoder", True),  # the rewards are through: before the decode's recompute
             *[("trim", 0), ("unet", True)] * calls,  # after everything downstream of a call, before its recompute

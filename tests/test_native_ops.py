@@ -214,7 +214,8 @@ def test_cpp_backend_swaps_every_groupnorm_and_shares_parameters(caplog):
     with caplog.at_level(logging.INFO, logger="textcraftor_fast.ops"):
         counts = apply_ops(models, "cpp", "cpu")
     # As tests/test_ops.py counts them for triton: 17 + 22 fused, 4 + 2 plain; cpp swaps no attention or GEGLU.
-    assert counts == {"GroupNorm+SiLU": 17 + 22, "GroupNorm": 4 + 2, "attention": 0, "GEGLU": 0}
+    assert counts == {"GroupNorm+SiLU": 17 + 22, "GroupNorm": 4 + 2, "attention": 0, "GEGLU": 0,
+        "small-map GEMM conv": 0}
     assert {name: set(m.state_dict()) for name, m in models.items()} == keys
     assert {p.data_ptr() for m in models.values() for p in m.parameters()} == ptrs
     assert [r.getMessage() for r in caplog.records] == [

@@ -88,7 +88,8 @@ def test_swaps_in_tiny_unet_and_vae_count_what_the_architecture_holds():
     #        transformers: 1 down + 1 mid + 2 up = 4 -> 4 plain GroupNorms, 8 attentions, 4 GEGLUs.
     #  VAE:  resnets encoder 2 + 2 mid, decoder 2 mid + 2x2 up = 10 -> 20 fused, + 2 conv_norm_out = 22;
     #        2 mid-block attentions (one 32-dim head each), each with a plain group_norm.
-    assert counts == {"GroupNorm+SiLU": 17 + 22, "GroupNorm": 4 + 2, "attention": 8 + 2, "GEGLU": 4}
+    assert counts == {"GroupNorm+SiLU": 17 + 22, "GroupNorm": 4 + 2, "attention": 8 + 2, "GEGLU": 4,
+        "small-map GEMM conv": 0}
     assert set(unet.state_dict()) == keys["unet"] and set(vae.state_dict()) == keys["vae"]
     assert {p.data_ptr() for p in list(unet.parameters()) + list(vae.parameters())} == ptrs  # shared, not copied
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in list(unet.modules()) + list(vae.modules()))
@@ -103,13 +104,17 @@ def test_auto_keeps_sdpa_attention_and_explicit_choices_win(monkeypatch, hide_na
 
     # 'auto' on a CUDA device: Triton norms and GEGLU, attention left to SDPA (faster on H100).
     # (Only module swaps happen here, no forward: the "cuda" device need not exist.)
-    assert counts("auto", "cuda") == {"GroupNorm+SiLU": 17, "GroupNorm": 4, "attention": 0, "GEGLU": 4}
+    assert counts("auto", "cuda") == {"GroupNorm+SiLU": 17, "GroupNorm": 4, "attention": 0, "GEGLU": 4,
+        "small-map GEMM conv": 0}
     assert counts("auto", "cuda", "triton")["attention"] == 8
     assert counts("triton", DEVICE, "sdpa")["attention"] == 0
-    assert counts("torch", DEVICE, "triton") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 8, "GEGLU": 0}
-    assert counts("auto", "cpu") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
+    assert counts("torch", DEVICE, "triton") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 8, "GEGLU": 0,
+        "small-map GEMM conv": 0}
+    assert counts("auto", "cpu") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0,
+        "small-map GEMM conv": 0}
     monkeypatch.setattr(ops, "_cuda_capability", lambda device: (7, 5))  # pre-Ampere: no bf16 kernels
-    assert counts("auto", "cuda") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
+    assert counts("auto", "cuda") == {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0,
+        "small-map GEMM conv": 0}
     with pytest.raises(ValueError, match="ops.attention='flash' is not one of auto, sdpa, triton"):
         counts("auto", "cpu", "flash")
 

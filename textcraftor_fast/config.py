@@ -324,6 +324,11 @@ class OpsConfig:
     docs/kernels.md), cpp on CPU when the native library is built, else torch."""
     attention: Literal["auto", "sdpa", "triton"] = "auto"
     """UNet/VAE attention: 'auto' = triton when backend='triton', else SDPA; 'sdpa' or 'triton' force one."""
+    gemm_conv_max_pixels: int = 64
+    """On the CPU (any backend but an explicit 'torch'): a UNet/VAE convolution with a weight of 1 MiB or more whose
+    output map has at most this many pixels (64: 8x8) runs as one GEMM on the unfolded input, not through oneDNN,
+    which reorders the whole weight into a fresh buffer on every call (SD1.5 at a 16x16 latent: the 1280-channel
+    blocks on 2x2, 4x4 and 8x8 maps; docs/performance.md). 0: never. No effect on CUDA."""
     channels_last: bool = False
     """channels_last (NHWC) memory format for the UNet and VAE weights, so their convolutions run NHWC: faster
     with cuDNN on tensor-core GPUs, usually slower on CPU."""
@@ -341,6 +346,8 @@ class OpsConfig:
     effect on CPU."""
 
     def validate(self, prefix: str) -> None:
+        _check(self.gemm_conv_max_pixels >= 0, f"{prefix}.gemm_conv_max_pixels", "an integer >= 0 (0: off)",
+               self.gemm_conv_max_pixels)
         if self.compile:  # torch._dynamo is imported only when compiling: it costs seconds
             import torch._dynamo
 

@@ -188,7 +188,8 @@ class Trainer:
         self.vae = freeze(comp.vae).to(self.device, **cast)
         # Kernel swaps come after freeze/cast: swapped modules share the frozen, cast parameters.
         unets = self.stage.unets()
-        self.ops_counts = apply_ops({**unets, "vae": self.vae}, cfg.ops.backend, self.device, cfg.ops.attention)
+        self.ops_counts = apply_ops({**unets, "vae": self.vae}, cfg.ops.backend, self.device, cfg.ops.attention,
+                                    cfg.ops.gemm_conv_max_pixels)
         self.fused_step = resolve_backend(cfg.ops.backend, self.device) == "cpp"  # native CFG-DDIM step
         self.schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta,
                                       cfg.sampler.timestep_spacing)
@@ -197,7 +198,8 @@ class Trainer:
         self.rewards = build_rewards(cfg.rewards, self.device, **cast)
         # On the host, each piece's freed activations stay in RSS under glibc and raise the next one's peak (at
         # SD1.5 size ~0.15 GiB of a step's peak, docs/performance.md): with models of that size the heap is trimmed
-        # as a step starts, before backward and at each of backward's boundaries (forward's hooks).
+        # as a step starts, before the decoder's and the towers' forward, before backward and at each of
+        # backward's boundaries (forward's hooks).
         self._trim_host = trims_pay_off(self.device, self.unet, self.vae, self.text_encoder)
         # A reward tower whose text transformer is the original encoder's (SD1.5's is CLIP ViT-L/14's) uses it.
         share_text_transformers(self.original_encoder, self.rewards)
@@ -334,9 +336,13 @@ class Trainer:
                 latents = draft_lv_latents(self.unet, self.schedule, latents, trainable, s, self.generator,
                                            self.fused_step, plain_calls, trim)
                 prompts = prompts * s.draft_lv_samples
+            if trim is not None:  # the sampler's freed pages, before the decoder's and then the towers' forward
+                trim_host_heap()
             images = decode_latents(self.vae, latents.to(self.vae.dtype), self.memory_plan.vae)  # (B, 3, H, W)
-            if trim is not None and images.requires_grad:
-                images.register_hook(trim)
+            if trim is not None:
+                trim_host_heap()
+                if images.requires_grad:
+                    images.register_hook(trim)
             total, parts = self.rewards(images, prompts)
         loss = -total.mean()
         extra: dict[str, float] = {}

@@ -13,7 +13,8 @@ Backends (``ops.backend``):
   auto    on an Ampere+ GPU with Triton: Triton GroupNorm(+SiLU) and GEGLU, attention left to SDPA (its cuDNN
           and flash backends beat our attention kernel on H100); on CPU: cpp when the library is built;
           elsewhere torch.
-``ops.attention`` = sdpa | triton overrides the attention choice either way.
+``ops.attention`` = sdpa | triton overrides the attention choice either way. On the CPU every backend but an
+explicit 'torch' also runs large convolutions on small maps as one GEMM (``ops.gemm_conv_max_pixels``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
+from .gemm_conv import swap_small_map_convs
 
 logger = logging.getLogger(__name__)
 
@@ -263,12 +265,18 @@ def _triton_attention(backend: str, chosen: str, attention: str, device: torch.d
 
 
 def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.device | str,
-              attention: str = "auto") -> dict[str, int]:
-    """Swap the chosen ops into ``models`` (name -> module); returns the counts, logged in one line."""
+              attention: str = "auto", gemm_conv_max_pixels: int = 0) -> dict[str, int]:
+    """Swap the chosen ops into ``models`` (name -> module); returns the counts, logged in one line.
+
+    ``gemm_conv_max_pixels`` > 0: on the CPU, unless ``backend`` is 'torch', large convolutions run as one GEMM on
+    output maps of at most that many pixels (``gemm_conv.py``)."""
     chosen = resolve_backend(backend, device)
     use_attention = _triton_attention(backend, chosen, attention, device)
-    counts = {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0}
+    counts = {"GroupNorm+SiLU": 0, "GroupNorm": 0, "attention": 0, "GEGLU": 0, "small-map GEMM conv": 0}
+    gemm_convs = backend != "torch" and torch.device(device).type == "cpu" and gemm_conv_max_pixels > 0
     for model in models.values():
+        if gemm_convs:
+            counts["small-map GEMM conv"] += swap_small_map_convs(model, gemm_conv_max_pixels)
         if chosen in ("triton", "cpp"):
             fused, plain = swap_groupnorm_silu(model, chosen)
             counts["GroupNorm+SiLU"] += fused
@@ -277,7 +285,10 @@ def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.devic
             counts["GEGLU"] += swap_geglu(model)
         if use_attention:
             counts["attention"] += swap_attention(model)
-    if chosen != "torch" or use_attention:
+    if chosen == "torch" and counts["small-map GEMM conv"]:
+        logger.info("ops: torch%s; small-map GEMM conv x%d (in %s)", _torch_reason(backend, device),
+                    counts["small-map GEMM conv"], ", ".join(models))
+    elif chosen != "torch" or use_attention:
         summary = ", ".join(f"{name} x{n}" for name, n in counts.items() if n)
         extra = "" if use_attention else "; attention: SDPA"
         if chosen == "cpp":

@@ -1,0 +1,73 @@
+"""Convolutions on small maps as one GEMM, on the CPU.
+
+oneDNN (torch's CPU convolution) reorders a convolution's whole weight into its blocked layout in a fresh buffer on
+every call. Where the output map is tiny the arithmetic is tiny too, and that reorder is most of the call: SD1.5's
+UNet at a 16x16 latent runs its deep blocks on 8x8, 4x4 and 2x2 maps, with weights of 15-113 MiB. There
+the convolution is an unfold of the input (small: a few pixels) and one matrix product with the weight as stored,
+read once, and no weight-sized buffer is allocated (docs/performance.md: a 2560->1280 3x3 convolution on
+2x2560x2x2, 2 threads, ~17 ms against oneDNN's ~45 ms, which page-faults its fresh buffer in each time; each UNet
+recompute in a lean SD1.5 step's backward at a 16x16 latent peaked ~0.18 GiB lower). Autograd goes through unfold
+and the product as usual, so input and weight gradients are torch's own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MIN_WEIGHT_BYTES = 1 << 20
+"""Weights below this reorder in microseconds: those convolutions (and the tiny world's) stay on oneDNN."""
+
+
+def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int]) -> Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) (groups 1, dilation 1) as unfold + one GEMM over the batch."""
+    n, c, h, w = x.shape
+    out_c, _, kh, kw = weight.shape
+    h_out = (h + 2 * padding[0] - kh) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - kw) // stride[1] + 1
+    if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        cols = x.flatten(2)  # (n, c, h*w)
+    else:
+        cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (n, c*kh*kw, h_out*w_out)
+    k, pixels = cols.shape[1], cols.shape[2]
+    cols = cols.transpose(0, 1).reshape(k, n * pixels)  # every image's columns side by side: the weight read once
+    flat = weight.reshape(out_c, k)
+    y = torch.mm(flat, cols) if bias is None else torch.addmm(bias.unsqueeze(1), flat, cols)  # (out_c, n*pixels)
+    return y.view(out_c, n, h_out, w_out).transpose(0, 1).contiguous()
+
+
+class GemmConv2d(nn.Conv2d):
+    """nn.Conv2d that runs as `conv2d_gemm` on the CPU when its output map has at most `gemm_max_pixels` pixels.
+
+    Made by changing an nn.Conv2d's class in place (`swap_small_map_convs`): same parameters, same state_dict keys.
+    """
+
+    gemm_max_pixels: int = 16
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dim() == 4:
+            kh, kw = self.kernel_size
+            h_out = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
+            w_out = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
+            if h_out * w_out <= self.gemm_max_pixels:
+                return conv2d_gemm(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
+
+def _qualifies(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.dilation == (1, 1)
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and module.weight.numel() * module.weight.element_size() >= MIN_WEIGHT_BYTES)
+
+
+def swap_small_map_convs(model: nn.Module, max_pixels: int) -> int:
+    """Every plain nn.Conv2d of `model` with a weight of at least MIN_WEIGHT_BYTES (groups 1, dilation 1, zero
+    padding) becomes a GemmConv2d for output maps of at most `max_pixels` pixels; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        if _qualifies(module):
+            module.__class__ = GemmConv2d
+            module.gemm_max_pixels = max_pixels
+            count += 1
+    return count
