@@ -45,6 +45,10 @@ def test_the_module_takes_the_gemm_only_on_small_maps(monkeypatch):
             x = torch.randn(2, 320, hw, hw)
             torch.testing.assert_close(conv(x), ref(x), rtol=1e-4, atol=1e-4)
     assert calls == [torch.Size([2, 320, 2, 2]), torch.Size([2, 320, 4, 4])]  # 5x5 = 25 pixels: oneDNN
+    conv.to(memory_format=torch.channels_last)  # ops.channels_last: reshaping the weight would copy it whole
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x[..., :2, :2]), ref(x[..., :2, :2]), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2
 
 
 def test_swap_keeps_small_weights_groups_and_state_dict():

@@ -327,8 +327,8 @@ class OpsConfig:
     gemm_conv_max_pixels: int = 64
     """On the CPU (any backend but an explicit 'torch'): a UNet/VAE convolution with a weight of 1 MiB or more whose
     output map has at most this many pixels (64: 8x8) runs as one GEMM on the unfolded input, not through oneDNN,
-    which reorders the whole weight into a fresh buffer on every call (SD1.5 at a 16x16 latent: the 1280-channel
-    blocks on 2x2, 4x4 and 8x8 maps; docs/performance.md). 0: never. No effect on CUDA."""
+    which reorders the whole weight into a fresh buffer on every call (SD1.5 at a 16x16 latent: the UNet's deep
+    blocks, on 2x2, 4x4 and 8x8 maps; docs/performance.md). 0: never. No effect on CUDA."""
     channels_last: bool = False
     """channels_last (NHWC) memory format for the UNet and VAE weights, so their convolutions run NHWC: faster
     with cuDNN on tensor-core GPUs, usually slower on CPU."""

@@ -43,10 +43,11 @@ class GemmConv2d(nn.Conv2d):
     Made by changing an nn.Conv2d's class in place (`swap_small_map_convs`): same parameters, same state_dict keys.
     """
 
-    gemm_max_pixels: int = 16
+    gemm_max_pixels: int = 64
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dim() == 4:
+        # A channels_last weight (ops.channels_last) would be copied whole by the GEMM's reshape: oneDNN then.
+        if x.device.type == "cpu" and x.dim() == 4 and self.weight.is_contiguous():
             kh, kw = self.kernel_size
             h_out = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
             w_out = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
