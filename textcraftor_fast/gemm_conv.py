@@ -19,13 +19,17 @@ MIN_WEIGHT_BYTES = 1 << 20
 """Weights below this reorder in microseconds: those convolutions (and the tiny world's) stay on oneDNN."""
 
 
+def _output_size(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int]) -> tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
+
+
 def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
                 padding: tuple[int, int]) -> Tensor:
     """F.conv2d(x, weight, bias, stride, padding) (groups 1, dilation 1) as unfold + one GEMM over the batch."""
-    n, c, h, w = x.shape
+    n = x.shape[0]
     out_c, _, kh, kw = weight.shape
-    h_out = (h + 2 * padding[0] - kh) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - kw) // stride[1] + 1
+    h_out, w_out = _output_size(x, (kh, kw), stride, padding)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
         cols = x.flatten(2)  # (n, c, h*w)
     else:
@@ -48,9 +52,7 @@ class GemmConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         # A channels_last weight (ops.channels_last) would be copied whole by the GEMM's reshape: oneDNN then.
         if x.device.type == "cpu" and x.dim() == 4 and self.weight.is_contiguous():
-            kh, kw = self.kernel_size
-            h_out = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
-            w_out = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
+            h_out, w_out = _output_size(x, self.kernel_size, self.stride, self.padding)
             if h_out * w_out <= self.gemm_max_pixels:
                 return conv2d_gemm(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)

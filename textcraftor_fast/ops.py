@@ -285,10 +285,7 @@ def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.devic
             counts["GEGLU"] += swap_geglu(model)
         if use_attention:
             counts["attention"] += swap_attention(model)
-    if chosen == "torch" and counts["small-map GEMM conv"]:
-        logger.info("ops: torch%s; small-map GEMM conv x%d (in %s)", _torch_reason(backend, device),
-                    counts["small-map GEMM conv"], ", ".join(models))
-    elif chosen != "torch" or use_attention:
+    if chosen != "torch" or use_attention:
         summary = ", ".join(f"{name} x{n}" for name, n in counts.items() if n)
         extra = "" if use_attention else "; attention: SDPA"
         if chosen == "cpp":
@@ -296,7 +293,9 @@ def apply_ops(models: Mapping[str, nn.Module], backend: str, device: torch.devic
         logger.info("ops: %s %s (in %s)%s", "triton" if chosen == "torch" else chosen, summary or "nothing to swap",
                     ", ".join(models), extra)
     else:
-        logger.info("ops: torch%s", _torch_reason(backend, device))
+        gemm = counts["small-map GEMM conv"]
+        logger.info("ops: torch%s%s", _torch_reason(backend, device),
+                    f"; small-map GEMM conv x{gemm} (in {', '.join(models)})" if gemm else "")
     return counts
 
 
