@@ -9,18 +9,27 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install clean ext ext-if-possible
+.PHONY: demo test test-latest constraints bench install clean ext ext-if-possible
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned to the local CPU wheel when no CUDA is present; an unpinned torch is a multi-GB CUDA build.
-$(STAMP): $(BIN)/python pyproject.toml
+# Reproducible installs: constraints.txt pins every dependency to the versions the suite last passed with (pip -c;
+# a change to it reinstalls). torch first, the local CPU wheel when no CUDA is present (an unpinned torch is a
+# multi-GB CUDA build), then pinned to what was installed so that no dependency's range can replace it.
+# `make test-latest` runs the same recipe in .venv-latest with PIN_ARGS set to upgrade everything instead.
+CONSTRAINTS := constraints.txt
+PIN_ARGS ?= -c $(CONSTRAINTS)
+
+$(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	  else $(BIN)/pip install -q torch==2.13.0; fi; fi
-	$(BIN)/pip install -q -e ".[dev]"
+	@$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q $(PIN_ARGS) -c $(VENV)/torch-pin.txt -e ".[dev]"
+	@$(BIN)/python -c "import importlib.metadata as m; print('installed:', ', '.join(d + ' ' + m.version(d) for d in \
+	  ('torch', 'diffusers', 'transformers', 'kernels', 'deepspeed', 'bitsandbytes', 'triton') if any(m.distributions(name=d))))"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -64,6 +73,20 @@ test: $(STAMP) $(OPEN_CLIP_WHEEL) ext-if-possible
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile \
 	  --no-loadscope-reorder --durations=15 --benchmark-disable -p no:cacheprovider tests benchmarks
 
+# The newest versions pyproject.toml allows (torch stays the machine's wheel), in a venv of their own, then the whole
+# suite: upgrades are tried on purpose, never by a fresh clone. When it is green, `make constraints` records them.
+LATEST_VENV := .venv-latest
+
+test-latest:
+	rm -f $(LATEST_VENV)/.installed
+	$(MAKE) --no-print-directory test VENV=$(LATEST_VENV) EXT_BUILD=build-ext-latest \
+	  PIN_ARGS="--upgrade --upgrade-strategy eager"
+
+constraints:
+	@test -f $(LATEST_VENV)/.installed || { echo "no $(LATEST_VENV): run make test-latest first" >&2; exit 1; }
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LATEST_VENV)/bin/pip freeze --all --exclude-editable | grep -viE '^(torch|pip)=='; } \
+	  > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 # Every suite timed (the SD1.5-scale CPU step and memory suites take most of it), then benchmarks/REPORT.md.
 bench: $(STAMP) ext-if-possible
 	$(BIN)/python -m pytest -q -s --benchmark-only --benchmark-json=benchmarks/results/latest.json \
@@ -71,4 +94,4 @@ bench: $(STAMP) ext-if-possible
 	$(BIN)/python benchmarks/report.py benchmarks/results/latest.json
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info $(EXT_BUILD) textcraftor_fast/_native
+	rm -rf $(VENV) $(LATEST_VENV) outputs build *.egg-info $(EXT_BUILD) build-ext-latest textcraftor_fast/_native

@@ -14,7 +14,8 @@ if ! python3 -c "import diffusers, transformers" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# When not pip-installed: map kernels/ into the package as setup.py does.
+# The committed symlink textcraftor_fast/kernels -> ../kernels maps kernels/ into the package (a checkout without
+# symlinks gets one here).
 [ -e textcraftor_fast/kernels ] || ln -s ../kernels textcraftor_fast/kernels
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/device.txt"

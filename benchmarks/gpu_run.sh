@@ -6,7 +6,8 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# Not pip-installed there: map kernels/ into the package as setup.py does.
+# The committed symlink textcraftor_fast/kernels -> ../kernels maps kernels/ into the package (a checkout without
+# symlinks gets one here).
 [ -e textcraftor_fast/kernels ] || ln -s ../kernels textcraftor_fast/kernels
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/device.txt"
