@@ -31,7 +31,7 @@ from unittest import mock
 from torch import Tensor, nn
 
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
+from textcraftor_fast.training.trainer import Trainer
 from textcraftor_fast.rewards.clip_score import ClipSimilarityReward
 from textcraftor_fast.rewards.clip_tower import ClipTower
 from textcraftor_fast.rewards.hpsv2 import HPSv2Reward
@@ -81,9 +81,9 @@ def official_trainer(config: str, overrides: Sequence[str] = ()) -> Trainer:
     """A Trainer running the official step on the models, rewards and prompts `config` + `overrides` name."""
     # Our engine's savings stay out (module docstring): with our heap trims this SD1.5 step peaked 0.35 GiB lower
     # (VmHWM over two steps, 2 threads: 15.83 GiB against 16.18 without).
-    with mock.patch("textcraftor_fast.engine.drop_vae_encoder", lambda vae: 0), \
-            mock.patch("textcraftor_fast.engine.share_text_transformers", lambda encoder, rewards: {}), \
-            mock.patch("textcraftor_fast.engine.trims_pay_off", lambda device, *models: False):
+    with mock.patch("textcraftor_fast.training.trainer.drop_vae_encoder", lambda vae: 0), \
+            mock.patch("textcraftor_fast.training.trainer.share_text_transformers", lambda encoder, rewards: {}), \
+            mock.patch("textcraftor_fast.training.trainer.trims_pay_off", lambda device, *models: False):
         trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES]))
     apply_official_recipe(trainer)
     return trainer

@@ -46,7 +46,7 @@ TOWER_FWD = {"ViT-L-14": 162.0, "ViT-H-14": 335.0, "ViT-g-14": 534.0}
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-# Ours: recompute only what the memory budget needs (memory_policy.py), UNet calls first, then the decoder, then
+# Ours: recompute only what the memory budget needs (memory/policy.py), UNet calls first, then the decoder, then
 # the CLIP transformers. The full recipe runs under a 20 GiB budget: what a 24 GB card leaves (issue 12).
 AUTO = ("sampler.checkpoint=auto", "sampler.checkpoint_vae=auto", "sampler.checkpoint_towers=auto")
 RECIPE_BUDGET_GB = 20.0
@@ -138,7 +138,7 @@ def _allocated() -> int:
 def _build(arm: str, overrides: list[str]):
     from baseline_official import official_trainer
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     before = _allocated()
     trainer = official_trainer(None, overrides) if arm == "baseline" else Trainer(load_config(None, overrides))

@@ -54,7 +54,7 @@ def run(tiny: bool) -> dict:
 
     from benchmarks.gpu_step import _sd15_file, _trainer
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     device = "cpu" if tiny else "cuda"
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ def _sd15_file(folder: Path) -> Path:
 
 def _trainer(path: Path, out: Path, batch: int, backend: str, precision: str = "bf16", attention: str = "auto"):
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     cfg = load_config(None, [
         "model.kind=pretrained", f'model.path="{path}"', "model.resolution=512", f"train.mixed_precision={precision}",

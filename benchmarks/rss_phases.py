@@ -20,8 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from sd15_step import ARM_OVERRIDES, sd15_overrides, _warm_up
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-import textcraftor_fast.backward_step as BS
+from textcraftor_fast.training.trainer import Trainer
+import textcraftor_fast.training.steppers as BS
 from random_towers import write_sd15_in_child
 if len(sys.argv) < 3 or sys.argv[1] != "--models":
     raise SystemExit(__doc__)
@@ -61,14 +61,15 @@ for mod in tr.vae.decoder.modules():
 clip = tr.rewards.rewards[0].tower.model
 for layer in clip.vision_model.encoder.layers:
     layer.register_forward_pre_hook(lambda m_, a: label("tower"))
-from textcraftor_fast.layer_checkpointing import transformer_layers
+from textcraftor_fast.memory.layers import transformer_layers
 for layer in transformer_layers(tr.text_encoder):
     layer.register_forward_pre_hook(lambda m_, a: label("encoder"))
 _orig_step = BS.StepInBackward._step
 BS.StepInBackward._step = lambda self, p: (label("optimizer-steps"), _orig_step(self, p))[1]
-for h in tr.backward_step._handles:  # re-registered so that the labelled _step runs
+hooks = tr.optimizer_step.hooks  # optim.step_in_backward's StepInBackward
+for h in hooks._handles:  # re-registered so that the labelled _step runs
     h.remove()
-tr.backward_step._handles = [p.register_post_accumulate_grad_hook(tr.backward_step._step) for p in tr.params]
+hooks._handles = [p.register_post_accumulate_grad_hook(hooks._step) for p in tr.params]
 _orig_bwd = torch.autograd.backward
 def bwd(*a, **k):
     st = _status()

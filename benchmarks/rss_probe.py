@@ -37,8 +37,8 @@ def main() -> int:
     from random_towers import write_sd15_in_child
     from sd15_step import ARM_OVERRIDES, sd15_overrides
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
-    from textcraftor_fast.optim import optimizer_state_bytes
+    from textcraftor_fast.training.trainer import Trainer
+    from textcraftor_fast.memory.saved_bytes import optimizer_state_bytes
 
     model, tower = args.models / "sd15.safetensors", args.models / "vit_l14"
     if not model.exists() or not tower.exists():

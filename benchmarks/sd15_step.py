@@ -69,7 +69,7 @@ def run_arm(arm: str, overrides: list[str], steps: int, out_dir: Path) -> dict:
     sys.path.insert(0, str(HERE))
     from baseline_official import official_trainer
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     overrides = [*overrides, *ARM_OVERRIDES[arm], f'output.dir="{out_dir / arm}"']
     t0 = time.perf_counter()

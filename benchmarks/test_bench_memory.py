@@ -3,7 +3,7 @@
 `make bench` (`--benchmark-only`): SD1.5 architecture (random weights through the real single-file loader) at a
 16x16 latent, K = 1, 5, 10, 25 graph-carrying steps, batch 1 and 2, a colorfulness reward (the towers' graphs are
 the same under every policy). `make test` (`--benchmark-disable`): the same code on tiny random models.
-Deterministic (counts what autograd packs, `textcraftor_fast.memory.saved_tensor_bytes`; the models' own weights,
+Deterministic (counts what autograd packs, `textcraftor_fast.memory.saved_bytes.saved_tensor_bytes`; the models' own weights,
 which a layer saves for its input gradient but which are resident anyway, are not counted), so it is asserted
 as well as reported; results/latest-memory.json in bench mode. One Trainer serves every policy: the policy is a
 sampler setting read per call, so swapping `trainer.cfg` changes nothing else.
@@ -17,8 +17,8 @@ import pytest
 from random_towers import write_sd15_in_child
 from sd15_step import schedule_of
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("none", "every_n", "step")
@@ -71,16 +71,17 @@ def test_saved_bytes_vs_k_and_batch(setup, benchmark):
     by_k = {p: {k: _bytes(trainer, p, k, 1) for k in ks if k <= limit[p]} for p in POLICIES}
     mid = ks[1]
     by_batch = {p: {b: _bytes(trainer, p, mid, b) for b in batches} for p in ("none", "step")}
-    result = {"latent": trainer.latent_size, "schedule": "K DDIM steps, every one with a graph",
+    side = trainer.latent_shape[-1]
+    result = {"latent": side, "schedule": "K DDIM steps, every one with a graph",
               "saved_bytes_by_k": {p: {str(k): v for k, v in row.items()} for p, row in by_k.items()},
               f"saved_bytes_by_batch_at_k{mid}": {p: {str(b): v for b, v in row.items()} for p, row in by_batch.items()}}
     benchmark.extra_info.update(result)
-    print(f"\nbytes saved for backward (MiB), batch 1, {trainer.latent_size}x{trainer.latent_size} latent, by K:",
+    print(f"\nbytes saved for backward (MiB), batch 1, {side}x{side} latent, by K:",
           "  ".join(f"K={k}" for k in ks))
     for policy, row in by_k.items():
         print(f"  {policy:8s}", "  ".join(f"{row[k] / 2**20:8.2f}" if k in row else "       -" for k in ks))
     print(f"by batch at K={mid}:", {p: {b: f"{v / 2**20:.2f}" for b, v in row.items()} for p, row in by_batch.items()})
-    latent_bytes = trainer.latent_channels * trainer.latent_size ** 2 * 4  # (1, 4, h, w) fp32
+    latent_bytes = trainer.latent_shape[0] * side ** 2 * 4  # (1, 4, h, w) fp32
     first, last = ks[0], ks[-1]
     # Flat in K: a checkpointed step keeps only its input latent for the recompute.
     assert (by_k["step"][last] - by_k["step"][first]) / (last - first) <= latent_bytes

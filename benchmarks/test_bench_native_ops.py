@@ -14,9 +14,10 @@ import time
 import pytest
 import torch
 
-from textcraftor_fast import load_config, native
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast import load_config
+from textcraftor_fast.ops import native
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native library not built: run `make ext`")
 

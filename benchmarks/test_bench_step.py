@@ -18,8 +18,8 @@ import torch
 from baseline_official import official_trainer, weight_grads
 from random_towers import write_random_clip
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def hide_native_library(monkeypatch, tmp_path):
     """The package as on a machine where `make ext` never ran: the native library's path holds no file."""
-    from textcraftor_fast import native
+    from textcraftor_fast.ops import native
 
     monkeypatch.setattr(native, "library_path", lambda: tmp_path / native.LIBRARY_NAME)
 
@@ -32,7 +32,7 @@ def hide_native_library(monkeypatch, tmp_path):
 def tiny_world():
     """The shipped tiny world's components (a real diffusers SD folder, 32x32 images)."""
     from textcraftor_fast.config import ModelConfig
-    from textcraftor_fast.loaders import load_components
+    from textcraftor_fast.models import load_components
 
     return load_components(ModelConfig(kind="tiny_world", resolution=32))
 

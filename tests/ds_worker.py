@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from textcraftor_fast import load_config
-from textcraftor_fast.distributed import shutdown
-from textcraftor_fast.engine import Trainer
+from textcraftor_fast.parallel.distributed import shutdown
+from textcraftor_fast.training.trainer import Trainer
 
 # The settings every test run shares; tests/test_distributed.py builds its single-process reference from them.
 BASE = ["sampler.num_steps=4", "sampler.grad_steps=2", "train.progress_bar=false", "data.max_prompts=8",

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # t
 from baseline_official import OFFICIAL_OVERRIDES, official_trainer, weight_grads  # noqa: E402
 from random_towers import write_random_clip  # noqa: E402
 from textcraftor_fast import load_config  # noqa: E402
-from textcraftor_fast.engine import Trainer  # noqa: E402
-from textcraftor_fast.memory import saved_tensor_bytes  # noqa: E402
+from textcraftor_fast.training.trainer import Trainer  # noqa: E402
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes  # noqa: E402
 from textcraftor_fast.models import build_tiny_random  # noqa: E402
 
 K = 2
@@ -131,13 +131,12 @@ def test_checkpointing_the_towers_changes_no_gradient_and_keeps_less(pair, tmp_p
 
 def test_only_ours_trims_the_host_heap(tmp_path, monkeypatch):
     """The official code never returns freed pages to the OS; our engine does at the step's boundaries on CPU once
-    the models are large enough (host_memory.TRIM_MIN_MODEL_BYTES, lowered here so the tiny models qualify)."""
-    import textcraftor_fast.engine as engine
-    import textcraftor_fast.host_memory as host_memory
+    the models are large enough (host_heap.TRIM_MIN_MODEL_BYTES, lowered here so the tiny models qualify)."""
+    import textcraftor_fast.memory.host_heap as host_heap
 
-    monkeypatch.setattr(host_memory, "TRIM_MIN_MODEL_BYTES", 0)
+    monkeypatch.setattr(host_heap, "TRIM_MIN_MODEL_BYTES", 0)
     trims = []
-    monkeypatch.setattr(engine, "trim_host_heap", lambda: trims.append(1))
+    monkeypatch.setattr(host_heap, "trim_host_heap", lambda: trims.append(1))
     overrides = _overrides(tmp_path)
     calls = {}
     for name, build in (("ours", lambda: Trainer(load_config("configs/tiny_random.toml", overrides))),

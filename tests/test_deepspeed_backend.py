@@ -7,7 +7,7 @@ import pytest
 
 from textcraftor_fast import load_config
 from textcraftor_fast.config import ConfigError
-from textcraftor_fast.deepspeed_backend import deepspeed_config
+from textcraftor_fast.parallel.deepspeed_engine import deepspeed_config
 
 
 def _cfg(*overrides):
@@ -61,7 +61,7 @@ def test_without_deepspeed_the_package_trains_and_the_backend_names_the_extra(tm
 import sys
 sys.modules["deepspeed"] = None
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import train
+from textcraftor_fast.training.trainer import train
 fast = ["sampler.num_steps=2", "sampler.grad_steps=1", "train.batch_size=1", "train.steps=1",
         "train.progress_bar=false", "data.max_prompts=4", "output.dir='{tmp_path / "plain"}'"]
 assert train(load_config("configs/tiny_random.toml", fast)).steps == 1

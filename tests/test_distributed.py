@@ -23,6 +23,7 @@ def test_torchrun_two_ranks_train_and_save(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr
+    assert "Applied DDP to the CLIPTextModel: gradients averaged over 2 ranks" in proc.stderr  # the library's
     assert "Total train batch size (w. parallel, distributed & accumulation) = 2" in proc.stderr
     assert proc.stdout.count("checkpoint:") == 1  # only rank 0 reports (and writes)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -62,7 +63,7 @@ def reference(tmp_path_factory):
     from ds_worker import BASE
 
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import train
+    from textcraftor_fast.training.trainer import train
 
     out = tmp_path_factory.mktemp("reference")
     result = train(load_config("configs/tiny_random.toml", BASE + [
@@ -139,7 +140,7 @@ def test_deepspeed_launcher_zero_0_1_2_equal_one_process(deepspeed_ready, refere
 @pytest.mark.slow
 def test_saved_on_two_ranks_resumes_on_one_as_an_uninterrupted_run(torchrun_runs, reference, tmp_path):
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import train
+    from textcraftor_fast.training.trainer import train
     from ds_worker import BASE
 
     saved = torchrun_runs / "stage2" / "checkpoints" / "step-000002"
@@ -168,7 +169,7 @@ def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(t
     adapters): 2 ranks x batch 1 against one process x batch 2, the same global batch and noise."""
     pytest.importorskip("peft")
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import train
+    from textcraftor_fast.training.trainer import train
 
     common = ["train.stage=unet", "train.steps=2", "sampler.num_steps=4", "sampler.grad_steps=2",
               "train.progress_bar=false", "data.max_prompts=8", "distributed.timeout_s=120"]
@@ -177,7 +178,9 @@ def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(t
            "train", "--config", "configs/tiny_random.toml"]
     for kv in common + ["train.batch_size=1", f"output.dir={tmp_path / 'two'}"]:
         cmd += ["--set", kv]
-    _launch(cmd, timeout=300)
+    proc = _launch(cmd, timeout=300)
+    # DDP averages the adapters' gradients although the UNet runs K times (checkpointed) before one backward.
+    assert "Applied DDP to the UNet2DConditionModel: gradients averaged over 2 ranks" in proc.stderr
     lora = "unet_lora/pytorch_lora_weights.safetensors"
     got, expected = load_file(str(tmp_path / "two" / lora)), load_file(str(tmp_path / "one" / lora))
     base = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / lora))
@@ -213,7 +216,7 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(
     import time
 
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import train
+    from textcraftor_fast.training.trainer import train
 
     settings = ["train.steps=200", "sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1",
                 "train.checkpointing_steps=1", "train.checkpoints_total_limit=2", "train.progress_bar=false",

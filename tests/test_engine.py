@@ -6,8 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from textcraftor_fast import cli, load_config
-from textcraftor_fast.engine import Trainer, train
-from textcraftor_fast.rewards import REWARDS
+from textcraftor_fast.training.trainer import Trainer, train
 from textcraftor_fast.rewards.base import Reward
 
 FAST = ["sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1", "train.progress_bar=false",
@@ -70,16 +69,18 @@ class NaNReward(Reward):
         return pixels.mean((1, 2, 3)) * float("nan")
 
 
-def test_nan_guard_skips_the_step_and_keeps_weights(tmp_path, monkeypatch):
-    monkeypatch.setitem(REWARDS, "nan", f"{__name__}:NaNReward")
-    trainer = Trainer(cfg_for(tmp_path, 'rewards=[{name="nan"}]'))
+NAN_REWARD = "tests.test_engine:NaNReward"  # a custom reward, named as a user's config names one
+
+
+def test_nan_guard_skips_the_step_and_keeps_weights(tmp_path):
+    trainer = Trainer(cfg_for(tmp_path, f'rewards=[{{name="{NAN_REWARD}"}}]'))
     before = {k: v.clone() for k, v in trainer.text_encoder.state_dict().items()}
     metrics = trainer.train_step()
     assert metrics["skipped"] == 1
     for k, v in trainer.text_encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(RuntimeError, match="consecutive non-finite steps"):
-        train(cfg_for(tmp_path / "run", 'rewards=[{name="nan"}]', "train.max_nan_skips=2"))
+        train(cfg_for(tmp_path / "run", f'rewards=[{{name="{NAN_REWARD}"}}]', "train.max_nan_skips=2"))
     assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()  # last good weights saved
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
+from textcraftor_fast.training.trainer import Trainer
 from textcraftor_fast.inference import mix_embeddings
+from textcraftor_fast.models.text import encode
 from textcraftor_fast.sampler import Embeddings
 
 FAST = ["sampler.num_steps=3", "sampler.grad_steps=2", "train.batch_size=1", "train.progress_bar=false",
@@ -37,13 +38,13 @@ def test_train_uncond_false_sends_no_gradient_through_the_unconditional_branch(t
     # Reference: the same forward with the trainable encoder's own uncond embedding, detached by hand
     # (at step 0 the trainable and original encoders are equal, so only the gradient path differs).
     ref = _trainer(tmp_path / "r", "sampler.train_uncond=true")
-    embeddings = ref._trainable_embeddings
+    embeddings = ref._trained_embeddings
 
     def detached_uncond(ids):
         both = embeddings(ids)  # cond and uncond from one encoder call
         return Embeddings(both.cond, both.uncond.detach())
 
-    ref._trainable_embeddings = detached_uncond
+    ref._trained_embeddings = detached_uncond
     g_ref = _grads(ref)
     assert _close(g_frozen, g_ref)
     assert not _close(g_frozen, g_trained)  # the uncond branch does carry gradient when trained
@@ -88,7 +89,8 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients(tmp_path):
     micro = []
     for _ in range(2):  # the same prompts and noise draws, one micro-batch at a time
         single.optimizer.zero_grad(set_to_none=True)
-        single._micro_step(single.stream.next_batch(), 2, 1.0)
+        loss, _ = single.forward(single.stream.next_batch(), 2)
+        single.optimizer_step.backward(loss, 1.0)
         micro.append({n: p.grad.clone() for n, p in single.text_encoder.named_parameters()})
     assert any(not torch.equal(micro[0][n], micro[1][n]) for n in got)  # two different micro-batches
     for n in got:
@@ -128,8 +130,8 @@ def test_style_mixing_with_a_non_zero_base(weights):
 def _two_call_embeddings(trainer: Trainer):
     """The engine before the one-call change: cond and uncond from two separate encoder calls."""
     def embeddings(ids):
-        cond = trainer._encode(trainer.text_encoder, ids)
-        return Embeddings(cond, trainer._encode(trainer.text_encoder, trainer.uncond_ids))
+        cond = encode(trainer.text_encoder, ids)
+        return Embeddings(cond, encode(trainer.text_encoder, trainer.uncond_ids))
     return embeddings
 
 
@@ -138,7 +140,7 @@ def test_the_trainable_encoder_runs_once_per_micro_batch_with_unchanged_results(
     # under no_grad outside the step. Two optimizer steps of two micro-batches each.
     extra = ("train.gradient_accumulation_steps=2", "train.batch_size=2")
     fused, split = _trainer(tmp_path / "one", *extra), _trainer(tmp_path / "two", *extra)
-    split._trainable_embeddings = _two_call_embeddings(split)
+    split._trained_embeddings = _two_call_embeddings(split)
     calls = []
     fused.text_encoder.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""Small-map convolutions as one GEMM (textcraftor_fast/gemm_conv.py) against torch's own F.conv2d."""
+"""Small-map convolutions as one GEMM (textcraftor_fast/ops/gemm_conv.py) against torch's own F.conv2d."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textcraftor_fast.gemm_conv import MIN_WEIGHT_BYTES, GemmConv2d, conv2d_gemm, swap_small_map_convs
-from textcraftor_fast.ops import apply_ops
+from textcraftor_fast.ops.gemm_conv import MIN_WEIGHT_BYTES, GemmConv2d, conv2d_gemm, swap_small_map_convs
+from textcraftor_fast.ops.backend import apply_ops
 
 
 @pytest.mark.parametrize("n,cin,cout,hw,k,stride,pad,bias", [
@@ -38,7 +38,7 @@ def test_the_module_takes_the_gemm_only_on_small_maps(monkeypatch):
     ref.load_state_dict(conv.state_dict())
     assert swap_small_map_convs(conv, max_pixels=16) == 1 and type(conv) is GemmConv2d
     calls = []
-    monkeypatch.setattr("textcraftor_fast.gemm_conv.conv2d_gemm",
+    monkeypatch.setattr("textcraftor_fast.ops.gemm_conv.conv2d_gemm",
                         lambda *a: calls.append(a[0].shape) or conv2d_gemm(*a))
     with torch.no_grad():
         for hw in (2, 4, 5):

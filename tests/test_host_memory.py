@@ -1,16 +1,16 @@
-"""On CPU the engine trims the C heap at the start of each step, before the decoder's and the towers' forward,
-before backward, and at each boundary of backward:
-before the decoder's recompute, before each checkpointed UNet call's recompute and before the encoder's gradients
-exist (docs/performance.md: glibc otherwise keeps each piece's freed activations resident into the next one's peak).
-Only with models of SD size: a trim's page faults cost the tiny world's short steps ~30%.
+"""On CPU, with models of SD size, the engine trims the C heap at each boundary of a step: as it starts, before the
+decoder's forward, before the towers' forward, before backward, and in backward before the decoder's recompute,
+before each checkpointed UNet call's recompute and before the encoder's gradients exist (glibc otherwise keeps each
+piece's freed activations resident into the next one's peak). The trims are module hooks attached at build
+(`attach_host_heap_trims`); with small models a trim's page faults cost more than the memory, so none are attached.
 """
 import pytest
 import torch
 
-import textcraftor_fast.engine as engine
-from textcraftor_fast import host_memory
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.host_memory import _malloc_trim
+import textcraftor_fast.training.trainer as trainer_module
+from textcraftor_fast.memory import host_heap
+from textcraftor_fast.memory.host_heap import _malloc_trim
+from textcraftor_fast.training.trainer import Trainer
 from tests.test_engine import cfg_for
 
 
@@ -22,15 +22,15 @@ def test_trims_only_on_the_cpu_and_with_models_of_sd_size():
     with torch.device("meta"):  # sizes without memory
         sd_sized = torch.nn.Linear(32768, 8192)  # 1 GiB of fp32 weights
         small = torch.nn.Linear(1024, 1024)
-    assert host_memory.trims_pay_off(torch.device("cpu"), sd_sized, small)
-    assert not host_memory.trims_pay_off(torch.device("cpu"), small)
-    assert not host_memory.trims_pay_off(torch.device("cuda"), sd_sized)
+    assert host_heap.trims_pay_off(torch.device("cpu"), sd_sized, small)
+    assert not host_heap.trims_pay_off(torch.device("cpu"), small)
+    assert not host_heap.trims_pay_off(torch.device("cuda"), sd_sized)
 
 
 def _record_trims_and_recomputes(trainer, monkeypatch) -> list[tuple[str, object]]:
     """Events in order: ('trim', encoder tensors holding a gradient) and ('unet' | 'decoder', in backward)."""
     events: list[tuple[str, object]] = []
-    monkeypatch.setattr(engine, "trim_host_heap",
+    monkeypatch.setattr(host_heap, "trim_host_heap",
                         lambda: events.append(("trim", sum(p.grad is not None for p in trainer.params))))
     in_backward = lambda: torch._C._current_graph_task_id() != -1
     for name, module in (("unet", trainer.unet), ("decoder", trainer.vae.decoder)):
@@ -40,10 +40,9 @@ def _record_trims_and_recomputes(trainer, monkeypatch) -> list[tuple[str, object
 
 @pytest.mark.parametrize("draft_lv", [0, 2])
 def test_each_recompute_in_backward_starts_after_a_trim(tmp_path, monkeypatch, draft_lv):
+    monkeypatch.setattr(trainer_module, "trims_pay_off", lambda device, *models: True)  # as with SD-size models
     trainer = Trainer(cfg_for(tmp_path, "sampler.checkpoint=step", "sampler.checkpoint_vae=true",
                               f"sampler.draft_lv_samples={draft_lv}"))
-    assert trainer._trim_host is False  # tiny models: no trims by default
-    trainer._trim_host = True  # what models of SD size set (trims_pay_off)
     events = _record_trims_and_recomputes(trainer, monkeypatch)
     for _ in range(2):
         events.clear()

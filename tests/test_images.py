@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from textcraftor_fast import __version__, cli
-from textcraftor_fast.images import MIN_CELL, PAD, contact_sheet, read_png_settings, save_png
+from textcraftor_fast.reporting.images import MIN_CELL, PAD, contact_sheet, read_png_settings, save_png
 from textcraftor_fast.inference import GRID_NAME
 from textcraftor_fast.models import export_text_encoder
 

@@ -1,5 +1,6 @@
-"""The package's module import graph has no circle (every import counted: top-level, lazy, TYPE_CHECKING),
-and the SD loading layer (models/) never imports the embedded demo world (tiny/)."""
+"""The package's module import graph (every import counted: top-level, lazy, TYPE_CHECKING) has no circle, imports
+only downward through the layers below, and the embedded demo world (tiny/) is a pure client: nothing outside
+tiny/ imports it (it plugs in by name, through textcraftor_fast.registry)."""
 from __future__ import annotations
 
 import ast
@@ -66,21 +67,80 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Lowest first. A module may import its own layer and the layers below, never one above. `tiny` is no layer: the
+# demo world may import anything, and nothing outside it may import it.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_version", "registry", "config"),  # names and settings
+    ("data", "memory", "memory.saved_bytes", "memory.host_heap", "memory.layers", "ops", "parallel",
+     "reporting"),  # mechanisms
+    ("models", "rewards", "sampler"),  # the models of a step and the differentiable sampler
+    ("memory.policy",),  # the checkpoint plan, measured on a built step
+    ("training", "evaluation", "inference"),  # the algorithm and what uses a tuned model
+    ("cli", ""),  # entry points: the command line and the package's public API (__init__)
+)
+CLIENT = "tiny"
+
+
+def _layer(module: str) -> int:
+    """The index of the layer `module` belongs to (the longest matching prefix decides)."""
+    rel = module.removeprefix(PKG).removeprefix(".")
+    best = (-1, -1)
+    for index, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if rel == prefix or rel.startswith(prefix + ".") or (prefix == "" and rel == ""):
+                best = max(best, (len(prefix), index))
+    assert best[1] >= 0, f"{module} is in no layer: add it to LAYERS"
+    return best[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, deps in graph.items():
+        if _is_client(name):
+            continue
+        for dep in deps:
+            if _is_client(dep):
+                found.append(f"{name} -> {dep} (the demo world is a client: reach it by name, through the registry)")
+            elif _layer(dep) > _layer(name):
+                found.append(f"{name} (layer {_layer(name)}) -> {dep} (layer {_layer(dep)})")
+    return sorted(found)
+
+
+def _is_client(module: str) -> bool:
+    return module == f"{PKG}.{CLIENT}" or module.startswith(f"{PKG}.{CLIENT}.")
+
+
 def test_graph_is_found():
     graph = _graph()
-    assert "textcraftor_fast.tiny.world" in graph["textcraftor_fast.loaders"]
-    assert "textcraftor_fast.models" in graph["textcraftor_fast.tiny.world"]
+    assert "textcraftor_fast.models.components" in graph["textcraftor_fast.training.trainer"]
+    assert "textcraftor_fast.registry" in graph["textcraftor_fast.tiny.plugin"]
+    assert len(graph) > 60
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downward():
+    graph = _graph()
+    for name in graph:
+        if not _is_client(name):
+            _layer(name)
+    assert upward_imports(graph) == []
+
+
+def test_nothing_outside_the_demo_world_imports_it():
+    graph = _graph()
+    assert [f"{n} -> {d}" for n, deps in graph.items() if not _is_client(n) for d in deps if _is_client(d)] == []
 
 
 def test_no_import_circle():
     assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()) or [])
 
 
-def test_models_never_import_the_demo_world():
-    graph = _graph()
-    for name, deps in graph.items():
-        if name.startswith(f"{PKG}.models"):
-            assert not any(d.startswith(f"{PKG}.tiny") for d in deps), (name, deps)
+def test_a_planted_upward_import_and_a_planted_client_import_are_found():
+    graph = {f"{PKG}.config": {f"{PKG}.training.trainer"}, f"{PKG}.training.trainer": {f"{PKG}.tiny.world"},
+             f"{PKG}.tiny.world": {f"{PKG}.models"}}
+    assert upward_imports(graph) == [
+        f"{PKG}.config (layer 0) -> {PKG}.training.trainer (layer 4)",
+        f"{PKG}.training.trainer -> {PKG}.tiny.world (the demo world is a client: reach it by name, through the "
+        "registry)"]
 
 
 def test_a_planted_circle_is_found():

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from textcraftor_fast import cli, load_config
-from textcraftor_fast.engine import train
+from textcraftor_fast.training.trainer import train
 from textcraftor_fast.inference import GenerateOptions, generate, mix_embeddings
 from textcraftor_fast.models import load_text_encoder
 

@@ -1,4 +1,4 @@
-"""layer_checkpointing.py on real transformers CLIP modules: which layers it wraps, that a wrapped model computes
+"""memory/layers.py on real transformers CLIP modules: which layers it wraps, that a wrapped model computes
 what the plain one does (values and input gradients, bit for bit) and keeps less for backward. The engine-level
 check (encoder gradients unchanged, towers' activations dropped) is in tests/test_baseline_official.py."""
 import copy
@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from textcraftor_fast.layer_checkpointing import checkpoint_each_layer, transformer_layers
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.memory.layers import checkpoint_each_layer, transformer_layers
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 
 VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32,

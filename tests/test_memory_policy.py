@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 
 K = 3
 FAST = ["sampler.num_steps=4", f"sampler.grad_steps={K}", "train.batch_size=2", "train.progress_bar=false",
@@ -44,11 +44,11 @@ def plain_grads(tmp_path_factory):
 
 @pytest.mark.parametrize("budget_gb", [None, 64.0], ids=["cpu-unset", "ample"])
 def test_auto_recomputes_nothing_when_the_budget_allows(tmp_path, plain_grads, budget_gb, caplog):
-    with caplog.at_level(logging.INFO, logger="textcraftor_fast.memory_policy"):
+    with caplog.at_level(logging.INFO, logger="textcraftor_fast.memory.policy"):
         trainer = _auto(tmp_path, budget_gb)
     plan = trainer.memory_plan
     assert (plan.plain_unet_calls, plan.vae) == (K, False) and plan.fits
-    lines = [r.getMessage() for r in caplog.records if r.name == "textcraftor_fast.memory_policy"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "textcraftor_fast.memory.policy"]
     assert len(lines) == 1 and f"0 of {K} UNet calls checkpointed" in lines[0] and "estimated peak" in lines[0]
     assert ("budget none (CPU" if budget_gb is None else "budget 64.00 GiB") in lines[0]
     got = _grads(trainer)
@@ -59,7 +59,7 @@ def test_auto_recomputes_nothing_when_the_budget_allows(tmp_path, plain_grads, b
 
 @pytest.mark.parametrize("vae", ["auto", "false"])
 def test_auto_checkpoints_every_call_when_the_budget_is_tiny(tmp_path, plain_grads, vae, caplog):
-    with caplog.at_level(logging.INFO, logger="textcraftor_fast.memory_policy"):
+    with caplog.at_level(logging.INFO, logger="textcraftor_fast.memory.policy"):
         trainer = _auto(tmp_path, 1e-6, vae)
     plan = trainer.memory_plan
     assert plan.plain_unet_calls == 0 and not plan.fits

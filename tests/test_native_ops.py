@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from tests.kernels.tolerance import assert_close_to_ref
 from tests.test_sampler_proofs import SD15_SCHEDULER
-from textcraftor_fast import native
-from textcraftor_fast.memory import saved_tensor_bytes
-from textcraftor_fast.ops import apply_ops, resolve_backend
+from textcraftor_fast.ops import native
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
+from textcraftor_fast.ops.backend import apply_ops, resolve_backend
 from textcraftor_fast.sampler import ddim_update, make_schedule
 
 needs_native = pytest.mark.skipif(not native.available(),
@@ -199,7 +199,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
 def _tiny_models():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from textcraftor_fast.models.tiny import TINY_UNET, TINY_VAE
+    from textcraftor_fast.models.tiny_random import TINY_UNET, TINY_VAE
 
     torch.manual_seed(0)
     return {"unet": UNet2DConditionModel(**TINY_UNET), "vae": AutoencoderKL(**TINY_VAE)}
@@ -211,7 +211,7 @@ def test_cpp_backend_swaps_every_groupnorm_and_shares_parameters(caplog):
     keys = {name: set(m.state_dict()) for name, m in models.items()}
     ptrs = {p.data_ptr() for m in models.values() for p in m.parameters()}
     assert resolve_backend("auto", "cpu") == "cpp"
-    with caplog.at_level(logging.INFO, logger="textcraftor_fast.ops"):
+    with caplog.at_level(logging.INFO, logger="textcraftor_fast.ops.backend"):
         counts = apply_ops(models, "cpp", "cpu")
     # As tests/test_ops.py counts them for triton: 17 + 22 fused, 4 + 2 plain; cpp swaps no attention or GEGLU.
     assert counts == {"GroupNorm+SiLU": 17 + 22, "GroupNorm": 4 + 2, "attention": 0, "GEGLU": 0,
@@ -229,7 +229,7 @@ def test_without_the_library_auto_runs_torch_and_says_so(hide_native_library, ca
     with pytest.raises(RuntimeError, match=r"ops.backend='cpp' but the native library is not built .*make ext"):
         resolve_backend("cpp", "cpu")
     models = _tiny_models()
-    with caplog.at_level(logging.INFO, logger="textcraftor_fast.ops"):
+    with caplog.at_level(logging.INFO, logger="textcraftor_fast.ops.backend"):
         counts = apply_ops(models, "auto", "cpu")
     assert set(counts.values()) == {0}
     assert not any(isinstance(m, native.NativeGroupNorm) for model in models.values() for m in model.modules())
@@ -239,7 +239,7 @@ def test_without_the_library_auto_runs_torch_and_says_so(hide_native_library, ca
 
 def test_without_the_library_the_trainer_runs_the_torch_sampler(hide_native_library, tmp_path):
     from textcraftor_fast import load_config
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     cfg = load_config("configs/tiny_random.toml", [
         "sampler.num_steps=2", "sampler.grad_steps=1", "model.resolution=16", "train.batch_size=1",

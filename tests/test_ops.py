@@ -1,4 +1,4 @@
-"""ops.py: backend choice and the Triton swaps into real diffusers modules, checked against stock diffusers.
+"""ops/backend.py: backend choice and the Triton swaps into real diffusers modules, checked against stock diffusers.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 """
@@ -11,10 +11,10 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from tests.kernels.tolerance import assert_close_to_ref
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.models.tiny import TINY_UNET, TINY_VAE
-from textcraftor_fast import native, ops
-from textcraftor_fast.ops import apply_ops, resolve_backend, swap_groupnorm_silu
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.models.tiny_random import TINY_UNET, TINY_VAE
+from textcraftor_fast.ops import backend as ops, native
+from textcraftor_fast.ops.backend import apply_ops, resolve_backend, swap_groupnorm_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

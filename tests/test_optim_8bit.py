@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 pytest.importorskip("bitsandbytes")
 
 from textcraftor_fast import load_config  # noqa: E402
-from textcraftor_fast.checkpointing import CheckpointError  # noqa: E402
+from textcraftor_fast.training.checkpoints import CheckpointError  # noqa: E402
 from textcraftor_fast.config import OptimConfig  # noqa: E402
-from textcraftor_fast.engine import train  # noqa: E402
-from textcraftor_fast.optim import build_optimizer, optimizer_state_bytes  # noqa: E402
+from textcraftor_fast.training.trainer import train  # noqa: E402
+from textcraftor_fast.memory.saved_bytes import optimizer_state_bytes  # noqa: E402
+from textcraftor_fast.training.optim import build_optimizer  # noqa: E402
 
 FAST = ["sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1", "train.progress_bar=false",
         "data.max_prompts=8", "train.checkpointing_steps=2"]

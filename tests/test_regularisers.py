@@ -6,8 +6,8 @@ import torch
 
 from textcraftor_fast import load_config
 from textcraftor_fast.config import ConfigError
-from textcraftor_fast.engine import Trainer, train
-from textcraftor_fast.optim import lr_factor
+from textcraftor_fast.training.trainer import Trainer, train
+from textcraftor_fast.training.optim import lr_factor
 
 FAST = ["sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=2", "train.progress_bar=false",
         "data.max_prompts=8"]

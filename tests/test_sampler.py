@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from textcraftor_fast.config import SamplerConfig
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.rewards.simple import ColorfulnessReward
 from textcraftor_fast.sampler import (Embeddings, decode_latents, make_schedule, sample_latents, unet_blocks,

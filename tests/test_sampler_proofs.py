@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from textcraftor_fast import native
+from textcraftor_fast.ops import native
 from textcraftor_fast.config import SamplerConfig
 from textcraftor_fast.sampler import Embeddings, ddim_update, make_schedule, sample_latents
 

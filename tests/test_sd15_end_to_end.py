@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # t
 
 from random_towers import write_random_sd15  # noqa: E402
 from textcraftor_fast import load_config  # noqa: E402
-from textcraftor_fast.engine import Trainer  # noqa: E402
+from textcraftor_fast.training.trainer import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_sd15_architecture_trains_one_step(sd15_file, tmp_path):
     trainer = Trainer(cfg)
     assert sum(p.numel() for p in trainer.unet.parameters()) == 859_520_964
     assert sum(p.numel() for p in trainer.text_encoder.parameters()) == 123_060_480
-    assert trainer.latent_size == 8 and trainer.schedule.timesteps == [999, 666, 332]
+    assert trainer.latent_shape[1:] == (8, 8) and trainer.schedule.timesteps == [999, 666, 332]
     metrics = trainer.train_step()
     assert metrics["grad_norm"] > 0 and metrics["skipped"] == 0
     assert all(p.grad is None for p in trainer.unet.parameters())

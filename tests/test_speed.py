@@ -1,4 +1,4 @@
-"""The speed options of [ops] (textcraftor_fast/speed.py): TF32, channels-last and torch.compile change how the
+"""The speed options of [ops] (textcraftor_fast/ops/speed.py): TF32, channels-last and torch.compile change how the
 models run, not the encoder gradient a step computes. The reference is the same step with every option off
 (stock eager PyTorch, contiguous weights); compile runs real inductor on CPU, through the sampler's checkpointed
 UNet calls, on tiny random SD models and a small random CLIP-score tower."""
@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from random_towers import write_random_clip  # noqa: E402
 from textcraftor_fast import load_config  # noqa: E402
-from textcraftor_fast.engine import Trainer  # noqa: E402
-from textcraftor_fast.speed import set_tf32  # noqa: E402
+from textcraftor_fast.training.trainer import Trainer  # noqa: E402
+from textcraftor_fast.ops.speed import set_tf32  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square"]
 

@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 from textcraftor_fast import load_config
 from textcraftor_fast.config import SamplerConfig
-from textcraftor_fast.engine import Trainer, train
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.training.trainer import Trainer, train
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.models.lora import add_lora
+from textcraftor_fast.models.text import tokenize
 from textcraftor_fast.rewards.simple import ColorfulnessReward
 from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_latents
 
@@ -166,7 +167,7 @@ def test_on_a_tuned_encoder_the_unet_stage_samples_as_evaluation_does(tmp_path):
     for name, p in tuned.state_dict().items():
         assert torch.equal(trainer.text_encoder.state_dict()[name], p), name
     with torch.no_grad():
-        empty = trainer._tokenize([""])
+        empty = tokenize(trainer.tokenizer, [""])
         assert torch.equal(trainer.frozen_uncond, base(empty)[0])
         assert not torch.allclose(trainer.frozen_uncond, tuned(empty)[0])
     assert trainer.stage.evaluated()[0] is trainer.text_encoder  # evaluated as both stages against the base model
@@ -184,7 +185,7 @@ NO_PEFT = """
 import sys
 sys.modules["peft"] = None  # what an environment without peft looks like to `import peft` and to find_spec
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import train
+from textcraftor_fast.training.trainer import train
 fast = {fast!r} + ["train.steps=1", "output.overwrite=true"]
 result = train(load_config("configs/tiny_random.toml", fast + ['output.dir="{out}/encoder"']))
 print("encoder stage:", result.text_encoder)

@@ -8,12 +8,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from textcraftor_fast.backward_step import StepInBackward
+from textcraftor_fast.training.steppers import StepInBackward
 from textcraftor_fast.config import ConfigError
-from textcraftor_fast.engine import Trainer, train
-from textcraftor_fast.memory_policy import training_state_bytes
-from textcraftor_fast.rewards import REWARDS
-from tests.test_engine import cfg_for
+from textcraftor_fast.training.trainer import Trainer, train
+from textcraftor_fast.memory.policy import training_state_bytes
+from tests.test_engine import NAN_REWARD, cfg_for
 from tests.test_stages import cfg_for as stage_cfg_for
 
 
@@ -114,9 +113,8 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_non_finite_loss_skips_the_whole_step(tmp_path, monkeypatch):
-    monkeypatch.setitem(REWARDS, "nan", "tests.test_engine:NaNReward")
-    trainer = Trainer(cfg_for(tmp_path, 'rewards=[{name="nan"}]', "optim.step_in_backward=true"))
+def test_a_non_finite_loss_skips_the_whole_step(tmp_path):
+    trainer = Trainer(cfg_for(tmp_path, f'rewards=[{{name="{NAN_REWARD}"}}]', "optim.step_in_backward=true"))
     before = copy.deepcopy(trainer.text_encoder.state_dict())
     assert trainer.train_step()["skipped"] == 1
     for key, value in trainer.text_encoder.state_dict().items():

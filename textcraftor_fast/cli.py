@@ -8,11 +8,11 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from safetensors import SafetensorError
 
 from .config import ConfigError, load_config
+from .registry import COMMANDS, MODEL_KINDS, PROMPT_SETS, import_target
 
 logger = logging.getLogger("textcraftor_fast")
 
@@ -39,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
+    from .training.trainer import train
 
     overrides = list(args.set or [])
     if args.resume:
@@ -79,33 +79,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
-
-
-def _refuse_overwriting_base(out: str, model_path: str) -> None:
-    # A pipeline export into the base folder would replace its original text encoder with the tuned one.
-    if model_path and Path(out).resolve() == Path(model_path).resolve():
-        raise ConfigError(f"--out '{out}' is the base model (model.path); write the export somewhere else")
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from .loaders import load_components
-    from .models.export import check_layout, export_tuned
-    from .models.loading import load_text_encoder
-    from .models.lora import load_unet
+    from .models.export import export
 
     cfg = load_config(args.config, list(args.set or []))
-    # Before loading the base model, which takes a while at SD1.5 size.
-    check_layout(args.layout, args.full, args.text_encoder is not None, args.unet is not None)
-    _refuse_overwriting_base(args.out, cfg.model.path)
-    comp = load_components(cfg.model, seed=cfg.seed)
-    encoder = load_text_encoder(args.text_encoder, config=comp.text_encoder.config) if args.text_encoder else None
-    unet = load_unet(args.unet, comp.unet, merge=args.layout != "lora") if args.unet else None
-    dtype = getattr(torch, EXPORT_DTYPES[args.dtype])
-    path = export_tuned(comp, encoder, args.out, layout=args.layout, full=args.full, dtype=dtype,
-                        timestep_spacing=cfg.sampler.timestep_spacing, unet=unet)
+    path = export(cfg, args.out, args.text_encoder, args.unet, layout=args.layout, full=args.full, dtype=args.dtype)
     print(f"exported: {path}")
     return 0
 
@@ -126,11 +104,15 @@ def _compare_pair(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _kind_eval_prompts(kind: str) -> str:
+    return MODEL_KINDS.get(kind).eval_prompts if kind in MODEL_KINDS else "builtin:parti"
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvalOptions, Tuned, evaluate
 
     cfg = load_config(args.config, list(args.set or []))
-    prompts = args.prompts or ("builtin:tiny_world" if cfg.model.kind == "tiny_world" else "builtin:parti")
+    prompts = args.prompts or _kind_eval_prompts(cfg.model.kind)
     opts = EvalOptions(prompts=prompts, max_prompts=args.max_prompts, seeds_per_prompt=args.seeds_per_prompt,
                        weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
                        switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
@@ -155,66 +137,23 @@ def _number_list(kind: type):
     return parse
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+def _common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+    sp.add_argument("--config", required=config_required,
+                    help="TOML config file (e.g. configs/tiny.toml) or a built-in one (builtin:<name>)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.steps=3 (repeatable)")
 
 
-DEMO_OUT = "outputs/demo"
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from .tiny.demo import run_demo
-        from .tiny.sweep import run_sweep
-    except ImportError as e:
-        raise ConfigError(f"the tiny-world demo is not available in this build: {e}") from None
-    cfg = load_config(args.config, list(args.set or []))
-    if any(t < 1 for t in args.threads or []):
-        raise ConfigError(f"--threads: thread counts must be >= 1, got {args.threads}")
-    if args.eval_seeds is not None and args.eval_seeds < 1:
-        raise ConfigError(f"--eval-seeds: noise seeds per caption must be >= 1, got {args.eval_seeds}")
-    if args.seeds or (args.threads and len(args.threads) > 1):
-        if args.quick:
-            raise ConfigError("--quick runs one shortened demo; drop it or drop --seeds/--threads (the sweep)")
-        out = args.out if args.out != DEMO_OUT else DEMO_OUT + "-sweep"
-        import torch
-
-        sweep = run_sweep(cfg, args.seeds or [cfg.seed], args.threads or [torch.get_num_threads()], out,
-                          split=args.split, seeds_per_caption=args.eval_seeds)
-        return 0 if sweep["passed"] == len(sweep["runs"]) else 1
-    run_demo(cfg, out_dir=Path(args.out), quick=args.quick, seeds_per_caption=args.eval_seeds, split=args.split,
-             threads=args.threads[0] if args.threads else None, paper=args.paper)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="textcraftor-fast", description=(
-        "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is
-    # what we read, so the flag is accepted and ignored.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate,export,demo}")
-
-    def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
-        sp.add_argument("--config", required=config_required, help="TOML config file (e.g. configs/tiny.toml) or builtin:tiny")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=3 (repeatable)")
-
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="fine-tune the text encoder (or the UNet: --set train.stage=unet)")
-    common(t)
+    _common(t)
     t.add_argument("--resume", metavar="PATH|latest", help="resume from a checkpoint folder or the latest one")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images with tuned encoder(s): switch step, interpolation, mixing")
-    common(g)
+    _common(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="prompts file (.txt/.jsonl/.csv/.parquet)")
     g.add_argument("--text-encoder", action="append", help="tuned encoder folder/checkpoint/.safetensors (repeatable)")
@@ -230,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", action="store_true", help="also write grid.png: every image labelled with its prompt")
     g.set_defaults(func=_cmd_generate)
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="export a tuned text encoder and/or UNet: a component folder, a UNet LoRA, a "
                                       "whole diffusers pipeline, or the original single-file layout")
-    common(e)
+    _common(e)
     e.add_argument("--text-encoder", help="tuned encoder folder/run/checkpoint/.safetensors")
     e.add_argument("--unet", help="tuned UNet (UNet stage): a LoRA folder, a UNet folder, or a run/checkpoint folder "
                                   "holding unet_lora/ or unet/")
@@ -245,15 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--full", action="store_true",
                    help="with --layout single_file: the whole original-layout checkpoint (base parts + tuned "
                         "ones), for StableDiffusionPipeline.from_single_file and other SD1.5 tools")
-    e.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="fp32",
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="dtype of the written weights (default fp32)")
     e.add_argument("--out", required=True,
                    help="output folder (diffusers, lora, pipeline) or .safetensors file (single_file)")
     e.set_defaults(func=_cmd_export)
 
+
+def _add_evaluate(sub) -> None:
     v = sub.add_parser("evaluate", help="paired evaluation of tuned encoder(s) and/or UNet(s) against the original: "
                                         "table with 95%% intervals, picture grid, interpolation and switch-step curves")
-    common(v)
+    _common(v)
     v.add_argument("--text-encoder", action=_Entry, const="text_encoder", dest="entries", metavar="PATH",
                    help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
                         "original alone)")
@@ -265,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compare", action="append", type=_compare_pair, metavar="A:B",
                    help="also the paired difference A - B between two evaluated models, e.g. both:encoder "
                         "(repeatable)")
-    v.add_argument("--prompts", help="prompt file, builtin:parti, or builtin:tiny_world[:validation] (default: "
-                                     "builtin:tiny_world for the tiny world, else builtin:parti)")
+    v.add_argument("--prompts", help=f"a prompt file or a registered set ({', '.join(PROMPT_SETS.names())}; default: "
+                                     "the model kind's evaluation set, builtin:parti for SD models)")
     v.add_argument("--max-prompts", type=int, metavar="N", help="the first N distinct prompts")
     v.add_argument("--seeds-per-prompt", type=int, default=1, metavar="N", help="paired noise seeds per prompt")
     v.add_argument("--weights", type=_number_list(float), metavar="W,W,...",
@@ -281,24 +224,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="outputs/evaluate", help="output folder (its cache/ makes reruns resume)")
     v.set_defaults(func=_cmd_evaluate)
 
-    d = sub.add_parser("demo", help="the embedded tiny world: fine-tune, evaluate before/after, write images; "
-                                    "with --seeds/--threads, the robustness sweep (exit status 1 unless every "
-                                    "run PASSes)")
-    common(d, config_required=False)
-    d.set_defaults(config="builtin:tiny")
-    d.add_argument("--out", default=DEMO_OUT, help=f"output folder (default {DEMO_OUT}; {DEMO_OUT}-sweep for a sweep)")
-    d.add_argument("--quick", action="store_true", help="a shortened run (smoke test)")
-    d.add_argument("--seeds", type=_int_list, metavar="S,S,...",
-                   help="fine-tuning seeds to sweep, e.g. 0,1,2,3,4 (the main arm only, one table of verdicts)")
-    d.add_argument("--threads", type=_int_list, metavar="T,T,...",
-                   help="torch thread counts: one sets the demo's; several (or with --seeds) sweep them")
-    d.add_argument("--split", choices=["test", "validation"], default="test",
-                   help="held-out captions to evaluate on: 'test' (reported) or 'validation' (design work)")
-    d.add_argument("--eval-seeds", type=int, metavar="N", help="noise seeds per held-out caption in the evaluation")
-    d.add_argument("--paper", action="store_true",
-                   help="also fine-tune the paper's recipe (last K = 5 steps, trainable unconditional embedding) on "
-                        "the same world and report it beside the main arm (about 4 more minutes on 2 cores)")
-    d.set_defaults(func=_cmd_demo)
+
+def _add_plugin_command(sub, name: str) -> None:
+    """A command a plugin registered (registry.COMMANDS: the tiny world's demo)."""
+    command = COMMANDS.get(name)
+    sp = sub.add_parser(name, help=command.help)
+    _common(sp, config_required=command.default_config is None)
+    if command.default_config is not None:
+        sp.set_defaults(config=command.default_config)
+    import_target(command.add_arguments, f"command '{name}'")(sp)
+    sp.set_defaults(func=lambda args: import_target(command.run, f"command '{name}'")(args))
+
+
+BUILTIN_COMMANDS = {"train": _add_train, "evaluate": _add_evaluate, "generate": _add_generate, "export": _add_export}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="textcraftor-fast", description=(
+        "TextCraftor: fine-tune Stable Diffusion's text encoder with differentiable rewards."))
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is
+    # what we read, so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log on every rank")
+    plugins = [name for name in COMMANDS.names() if name not in BUILTIN_COMMANDS]
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*BUILTIN_COMMANDS, *plugins]) + "}")
+    for add in BUILTIN_COMMANDS.values():
+        add(sub)
+    for name in plugins:
+        _add_plugin_command(sub, name)
     return p
 
 

@@ -13,16 +13,28 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from .registry import PROMPT_SETS, resource_path
+
 logger = logging.getLogger(__name__)
 
-# Built-in prompt sets shipped in the package (paths relative to it).
-BUILTIN = {"builtin:parti": "prompt_sets/PartiPrompts.tsv", "builtin:tiny_world": "tiny/prompts/train.txt"}
+
+
+def registered_prompt_file(source: str, purpose: Literal["train", "evaluation"] = "train") -> Path | None:
+    """The packaged file behind a registered prompt set ('builtin:parti', a plugin's; registry.PROMPT_SETS) for
+    training or for evaluation (where a set has held-out prompts); None when `source` is no registered name."""
+    if source not in PROMPT_SETS:
+        return None
+    target = getattr(PROMPT_SETS.get(source), purpose)
+    if target is None:
+        usable = [n for n in PROMPT_SETS.names() if getattr(PROMPT_SETS.get(n), purpose) is not None]
+        raise ValueError(f"prompt set {source!r} holds no {purpose} prompts; for {purpose} use a prompt file or one "
+                         f"of {', '.join(usable)}")
+    return Path(str(resource_path(target)))
 
 
 def _column(header: list[str], field: str, path: Path) -> int:
@@ -91,15 +103,17 @@ def _read_parquet(path: Path, field: str) -> list[str]:
     return [str(v) if v is not None else "" for v in table.column(col).to_pylist()]
 
 
-def read_prompts(source: str, field: str = "prompt", on_bad_line: str = "error") -> list[str]:
-    """Read raw prompts (blank lines and duplicates still in) from a file or a built-in set."""
+def read_prompts(source: str, field: str = "prompt", on_bad_line: str = "error",
+                 purpose: Literal["train", "evaluation"] = "train") -> list[str]:
+    """Read raw prompts (blank lines and duplicates still in) from a file or a registered set (its `purpose`
+    file: a set's evaluation prompts may be held out from its training ones)."""
     path = Path(source)
-    if source in BUILTIN:
-        path = Path(str(resources.files("textcraftor_fast").joinpath(BUILTIN[source])))
-        field = "prompt"
+    registered = registered_prompt_file(source, purpose)
+    if registered is not None:
+        path, field = registered, "prompt"
     if not path.is_file():
         raise FileNotFoundError(f"prompt source '{source}' does not exist; data.path must be a .txt/.jsonl/.csv/"
-                                f".parquet file or one of {', '.join(BUILTIN)}")
+                                f".parquet file or one of {', '.join(PROMPT_SETS.names())}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [text for _, text in _text_lines(path, on_bad_line)]
@@ -114,9 +128,9 @@ def read_prompts(source: str, field: str = "prompt", on_bad_line: str = "error")
 
 
 def load_prompts(source: str, field: str = "prompt", max_prompts: int | None = None,
-                 on_bad_line: str = "error") -> list[str]:
+                 on_bad_line: str = "error", purpose: Literal["train", "evaluation"] = "train") -> list[str]:
     """Read, strip, drop blanks and duplicates (first occurrence kept, order preserved), and log the counts."""
-    raw = read_prompts(source, field, on_bad_line)
+    raw = read_prompts(source, field, on_bad_line, purpose)
     stripped = [p.strip() for p in raw]
     nonblank = [p for p in stripped if p]
     unique = list(dict.fromkeys(nonblank))
@@ -157,7 +171,7 @@ def open_prompts(source: str, field: str = "prompt", max_prompts: int | None = N
     ones: OpenPrompts is 10M prompts) as a `PromptTable` memory-mapped from `cache_dir`, built there once
     (atomically) per source file, field and max_prompts. Other sources come back as a list."""
     path = Path(source)
-    if cache_dir is None or source in BUILTIN or path.suffix.lower() != ".parquet" or not path.is_file():
+    if cache_dir is None or source in PROMPT_SETS or path.suffix.lower() != ".parquet" or not path.is_file():
         return load_prompts(source, field, max_prompts, on_bad_line)
     try:
         import pyarrow as pa
@@ -269,3 +283,21 @@ class PromptStream:
                                  "resume on a rank count that divides it")
             self.position = taken // self.world_size
         self._order = self._epoch_order(self.epoch)
+
+
+def warn_long_prompts(tokenizer, prompts: Sequence[str], max_checked: int = 100_000) -> None:
+    """Warn when prompts exceed the tokenizer's length. Up to `max_checked` of them, evenly spaced, in chunks:
+    tokenizing 10M prompts at start-up would take minutes and hold every id list at once."""
+    limit, stride = tokenizer.model_max_length, max(1, len(prompts) // max_checked)
+    n_long = n_checked = longest = 0
+    indices = range(0, len(prompts), stride)
+    for start in range(0, len(indices), 4096):
+        chunk = [prompts[i] for i in indices[start:start + 4096]]
+        lengths = [len(ids) for ids in tokenizer(chunk, truncation=False, verbose=False).input_ids]
+        n_long += sum(n > limit for n in lengths)
+        n_checked += len(lengths)
+        longest = max(longest, *lengths)
+    if n_long:
+        sample = "" if n_checked == len(prompts) else f" (checked {n_checked} evenly spaced ones)"
+        logger.warning("%d of %d prompts%s are longer than %d tokens and are truncated to them (as SD's pipeline "
+                       "does); the longest has %d", n_long, n_checked, sample, limit, longest)

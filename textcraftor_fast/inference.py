@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .sampler import (DDIMSchedule, Embeddings, decode_latents, make_schedule, sample_latents,
-                      seeded_noise, switch_sampling_config)
+from .models.text import encode_prompts
+from .sampler import DDIMSchedule, Embeddings, make_schedule, sample_images
 
 logger = logging.getLogger(__name__)
 
@@ -55,41 +55,39 @@ def mix_embeddings(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[floa
     return out
 
 
-def initial_noise(seed: int, first: int, count: int, latent_shape: tuple[int, int, int],
-                  device: torch.device) -> Tensor:
-    """x_T (count, C, h, w) of samples first .. first + count - 1, sample i drawn from seed + i.
-
-    Drawn on the CPU, one (1, C, h, w) tensor per generator, as diffusers' `randn_tensor` does for a list of
-    CPU generators: same numbers as the stock pipeline, and on any device.
-    """
-    return seeded_noise(range(seed + first, seed + first + count), latent_shape).to(device)
-
-
 @torch.no_grad()
+def conditioning(original: nn.Module, tuned: Sequence[nn.Module], weights: Sequence[float], tokenizer,
+                 prompts: list[str], mix_uncond: bool = True) -> tuple[Embeddings, Embeddings | None]:
+    """(frozen, mixed): the original encoder's embeddings of `prompts` (and of ""), and the tuned encoders' mixed
+    into them, `mix_embeddings(original, tuned, weights)` (None without tuned encoders). The unconditional embedding
+    is mixed when `mix_uncond` (evaluation mixes it only where training tuned it: sampler.train_uncond)."""
+    frozen = Embeddings(encode_prompts(original, tokenizer, prompts), encode_prompts(original, tokenizer, [""]))
+    if not tuned:
+        return frozen, None
+    cond = mix_embeddings(frozen.cond, [encode_prompts(e, tokenizer, prompts) for e in tuned], weights)
+    uncond = (mix_embeddings(frozen.uncond, [encode_prompts(e, tokenizer, [""]) for e in tuned], weights)
+              if mix_uncond else frozen.uncond)
+    return frozen, Embeddings(cond, uncond)
+
+
 def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSchedule, original: nn.Module,
                     tuned: Sequence[nn.Module], weights: Sequence[float], prompts: list[str],
                     opts: GenerateOptions, latent_shape: tuple[int, int, int],
                     device: torch.device) -> Tensor:
-    """Images in [0, 1] (N, 3, H, W); image i starts from seed + i's noise whatever the encoders and batching."""
+    """Images in [0, 1] (N, 3, H, W) on the CPU; image i starts from seed + i's noise whatever the encoders and
+    batching. The noise is drawn on the CPU, one generator per image, as diffusers' `randn_tensor` does for a list
+    of CPU generators: the stock pipeline draws the same numbers, on any device."""
     from tqdm.auto import tqdm
 
-    def encode(enc: nn.Module, texts: list[str]) -> Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        return enc(ids)[0]
-
-    sampler_cfg = switch_sampling_config(len(schedule.steps), opts.guidance_scale, opts.switch_step)
     images = []
     # disable=None: a bar on a terminal, silent in logs and under pytest.
     for start in tqdm(range(0, len(prompts), opts.batch_size), desc="generate", unit="batch", disable=None,
                       leave=False):
         batch = prompts[start:start + opts.batch_size]
-        x_T = initial_noise(opts.seed, start, len(batch), latent_shape, device)  # (B, C, h, w)
-        base = Embeddings(encode(original, batch), encode(original, [""]))
-        mixed = Embeddings(mix_embeddings(base.cond, [encode(e, batch) for e in tuned], weights),
-                           mix_embeddings(base.uncond, [encode(e, [""]) for e in tuned], weights))
-        latents = sample_latents(unet, schedule, x_T, base, mixed if tuned else None, sampler_cfg, grad_steps=0)
-        images.append(decode_latents(vae, latents.to(vae.dtype), use_checkpoint=False).cpu())
+        frozen, mixed = conditioning(original, tuned, weights, tokenizer, batch)
+        seeds = range(opts.seed + start, opts.seed + start + len(batch))
+        images.append(sample_images(unet, vae, schedule, seeds, latent_shape, frozen, mixed, opts.guidance_scale,
+                                    opts.switch_step).cpu())
     return torch.cat(images)
 
 
@@ -105,7 +103,7 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     of the model's, for every step. Each PNG carries its settings as text chunks (`image_settings`); `grid` also writes all images on one
     labelled contact sheet, `out_dir / GRID_NAME`.
     """
-    from .loaders import load_components
+    from .models.loading import load_components
     from .models import load_text_encoder
     from .models.lora import load_unet
 
@@ -131,7 +129,7 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
 def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOptions,
                    text_encoders: Sequence[str], weights: Sequence[float], unet: str | None = None) -> dict[str, Any]:
     """What a PNG records: enough to regenerate it alone (`--seed <seed>` with this one prompt)."""
-    from . import __version__
+    from ._version import __version__
 
     tuned_unet = {"unet": str(Path(unet).resolve())} if unet else {}  # only when given: older PNGs read the same
     return {
@@ -153,7 +151,7 @@ def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOp
 
 
 def _write_images(images: Tensor, settings: list[dict[str, Any]], out: Path, grid: bool) -> list[Path]:
-    from .images import contact_sheet, save_png, to_pil
+    from .reporting.images import contact_sheet, save_png, to_pil
 
     out.mkdir(parents=True, exist_ok=True)
     pils = [to_pil(img) for img in images]
@@ -168,5 +166,5 @@ def _write_images(images: Tensor, settings: list[dict[str, Any]], out: Path, gri
     return paths
 
 
-__all__ = ["GRID_NAME", "GenerateOptions", "generate", "generate_images", "image_settings", "initial_noise",
+__all__ = ["GRID_NAME", "GenerateOptions", "conditioning", "generate", "generate_images", "image_settings",
            "mix_embeddings"]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import SamplerConfig
-from .layer_checkpointing import checkpoint_modules
+from .memory.layers import checkpoint_modules
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,8 @@ def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
     """The down blocks, mid block and up blocks of a diffusers UNet2DConditionModel-style UNet: what
     `checkpoint_unet_blocks` checkpoints one by one."""
+    if isinstance(unet, nn.parallel.DistributedDataParallel):
+        unet = unet.module
     parts = ("down_blocks", "mid_block", "up_blocks")
     missing = [p for p in parts if getattr(unet, p, None) is None]
     if missing:
@@ -155,8 +157,7 @@ def unet_blocks(unet: nn.Module) -> list[nn.Module]:
 def blocks_checkpointed(unet: nn.Module) -> Iterator[None]:
     """Inside the block, a UNet call with grad keeps only its blocks' inputs (and the few small layers between
     them); backward recomputes one block's graph at a time: the same recompute as checkpointing the whole call,
-    at the largest block's memory instead of the whole call's (SD1.5 at a 16x16 latent, CFG batch 2: 65 vs
-    198 MiB, benchmarks/README.md)."""
+    at the largest block's memory instead of the whole call's (docs/performance.md)."""
     blocks = unet_blocks(unet)
     checkpoint_modules(blocks, enabled=True)
     try:
@@ -184,7 +185,7 @@ def guided_ddim_step(unet: nn.Module, step: DDIMStep, x: Tensor, cond: Tensor, u
     applies with CFG (scale != 1) and epsilon / v-prediction, the torch path runs everything else.
     """
     if fused and guidance_scale != 1.0 and prediction_type in ("epsilon", "v_prediction"):
-        from .native import cfg_ddim_step
+        from .ops.native import cfg_ddim_step
 
         fn = lambda x_, c_, u_: cfg_model_outputs(unet, x_, step.timestep, c_, u_)
         out_uncond, out_cond = _checkpointed_call(fn, use_checkpoint, unet, x, cond, uncond)
@@ -209,7 +210,7 @@ def _checkpoint_mode(cfg: SamplerConfig, checkpointed: bool) -> bool | str:
 
 def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, plain_calls: int | None) -> bool:
     """Whether graph-carrying call `grad_index` of `calls` is checkpointed. 'auto' checkpoints the earliest
-    calls and leaves the last `plain_calls` plain (the memory plan's count, textcraftor_fast/memory_policy.py):
+    calls and leaves the last `plain_calls` plain (the memory plan's count, textcraftor_fast/memory/policy.py):
     backward reaches the checkpointed calls after the plain calls' graphs are freed, so a recompute never lives
     beside them; with random K the count stays a bound on the plain calls."""
     if policy == "none":
@@ -229,15 +230,14 @@ def _should_checkpoint(policy: str, every: int, grad_index: int, calls: int, pla
 def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, frozen: Embeddings,
                    trainable: Embeddings | None, cfg: SamplerConfig, grad_steps: int | None = None,
                    noise_fn: Callable[[Tensor], Tensor] | None = None, fused_step: bool = False,
-                   plain_calls: int | None = None, on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
+                   plain_calls: int | None = None) -> Tensor:
     """Run the whole DDIM chain from `latents` (x_T) and return the final latents (what SD decodes).
 
     Steps [0, switch) use `frozen` embeddings with no graph; steps [switch, n - K) use `trainable` with no
     graph; the last K steps use `trainable` with a graph (checkpointed per `cfg.checkpoint`; with 'auto', all
     but `plain_calls` of them). With `trainable=None` the whole chain is a plain no-grad sample on `frozen`
     (evaluation, base model). `noise_fn(shape_like)` gives the per-step noise when eta > 0. `fused_step`: see
-    `guided_ddim_step`. `on_grad(grad)` runs as backward reaches each graph-carrying step's output: after
-    everything downstream of it, before its (recomputed) UNet call.
+    `guided_ddim_step`.
     """
     n = len(schedule.steps)
     k = cfg.grad_steps if grad_steps is None else grad_steps
@@ -258,22 +258,15 @@ def sample_latents(unet: nn.Module, schedule: DDIMSchedule, latents: Tensor, fro
         x = guided_ddim_step(unet, step, x, emb.cond, emb.uncond, cfg.guidance_scale, schedule.prediction_type,
                              noise, _checkpoint_mode(cfg, _should_checkpoint(cfg.checkpoint, cfg.checkpoint_every,
                                                                              i - (n - k), k, plain_calls)), fused_step)
-        _watch(x, on_grad)
     return x
-
-
-def _watch(x: Tensor, on_grad: Callable[[Tensor], None] | None) -> None:
-    if on_grad is not None and x.requires_grad:
-        x.register_hook(on_grad)
 
 
 def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Tensor, trainable: Embeddings,
                      cfg: SamplerConfig, generator: torch.Generator | None = None, fused_step: bool = False,
-                     plain_calls: int | None = None, on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
+                     plain_calls: int | None = None) -> Tensor:
     """DRaFT-LV (Clark et al.): re-noise the no-grad sample to the last timestep n times and take one
     differentiable step each; returns (n*B, C, h, w), sample j of every prompt in rows [j*B, (j+1)*B).
-    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain. `on_grad`:
-    as in `sample_latents`, on each call's output."""
+    Every call is checkpointed unless checkpoint is 'none', or 'auto' with `plain_calls` left plain."""
     last = schedule.steps[-1]
     x0 = final_latents.detach()
     outs = []
@@ -285,7 +278,6 @@ def draft_lv_latents(unet: nn.Module, schedule: DDIMSchedule, final_latents: Ten
                 else cfg.checkpoint != "none")
         outs.append(guided_ddim_step(unet, last, x_t, trainable.cond, trainable.uncond, cfg.guidance_scale,
                                      schedule.prediction_type, None, _checkpoint_mode(cfg, ckpt), fused_step))
-        _watch(outs[-1], on_grad)
     return torch.cat(outs)
 
 
@@ -351,3 +343,37 @@ def decode_latents(vae: nn.Module, latents: Tensor, use_checkpoint: bool | str =
     else:
         image = fn(z)
     return (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+
+
+def _rows(emb: Embeddings, rows: slice) -> Embeddings:
+    uncond = emb.uncond if emb.uncond.shape[0] == 1 else emb.uncond[rows]
+    return Embeddings(emb.cond[rows], uncond)
+
+
+@torch.no_grad()
+def sample_images(unet: nn.Module, vae: nn.Module, schedule: DDIMSchedule, seeds: Sequence[int],
+                  latent_shape: tuple[int, int, int], frozen: Embeddings, mixed: Embeddings | None,
+                  guidance_scale: float, switch_step: int, batch_size: int | None = None,
+                  progress: str | None = None) -> Tensor:
+    """Images in [0, 1] (N, 3, H, W), float32, no graph: deterministic DDIM (eta of `schedule`) from each seed's
+    noise (`seeded_noise`), conditioned on `frozen` before `switch_step` and on `mixed` from it (None: `frozen`
+    throughout), then decoded. cond rows are per sample (N, L, D); uncond is (1, L, D) or (N, L, D). Sampled
+    `batch_size` rows at a time (None: all at once); `progress` labels a progress bar (None: none).
+
+    The one no-grad sample-and-decode: evaluation, evaluation during training, `generate` and the tiny world's
+    demo all sample through it, with the training step's sampler."""
+    from tqdm.auto import tqdm
+
+    device, dtype = frozen.cond.device, next(unet.parameters()).dtype
+    cfg = switch_sampling_config(len(schedule.steps), guidance_scale, switch_step)
+    cast = lambda e: Embeddings(e.cond.to(dtype), e.uncond.to(dtype))
+    step = batch_size or len(seeds)
+    starts = range(0, len(seeds), step)
+    out = []
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2, leave=False):
+        rows = slice(start, start + step)
+        x_T = seeded_noise(seeds[rows], latent_shape).to(device, dtype)  # (B, C, h, w)
+        latents = sample_latents(unet, schedule, x_T, cast(_rows(frozen, rows)),
+                                 cast(_rows(mixed, rows)) if mixed is not None else None, cfg, grad_steps=0)
+        out.append(decode_latents(vae, latents.to(vae.dtype), use_checkpoint=False).float())
+    return torch.cat(out)

@@ -17,10 +17,12 @@ import torch
 from textcraftor_fast import cli
 from textcraftor_fast.config import load_config
 from textcraftor_fast.evaluation import EvalOptions, evaluate
-from textcraftor_fast.evaluation.core import EVAL_SEED0, conditioning, encode, sample_images, sample_set
-from textcraftor_fast.loaders import load_components
+from textcraftor_fast.evaluation.core import EVAL_SEED0, sample_set
+from textcraftor_fast.inference import conditioning
+from textcraftor_fast.models.text import encode_prompts
+from textcraftor_fast.models import load_components
 from textcraftor_fast.models import export_text_encoder
-from textcraftor_fast.sampler import Embeddings, make_schedule
+from textcraftor_fast.sampler import Embeddings, make_schedule, sample_images
 
 FAST = dict(prompts="builtin:tiny_world", max_prompts=6, seeds_per_prompt=1, batch_size=3, grid_prompts=3,
             progress=False)
@@ -89,11 +91,12 @@ def test_weight_zero_and_one_reproduce_the_original_and_tuned_pipelines(cfg, enc
     schedule = make_schedule(comp.scheduler.config, cfg.sampler.num_steps, 0.0, cfg.sampler.timestep_spacing)
     run = lambda frozen, mixed: sample_images(comp.unet, comp.vae, schedule, seeds, (4, 16, 16), frozen, mixed,
                                               cfg.sampler.guidance_scale, 0)
+    encode = torch.no_grad()(encode_prompts)
     plain_original = Embeddings(encode(comp.text_encoder, comp.tokenizer, prompts),
                                 encode(comp.text_encoder, comp.tokenizer, [""]))
     plain_tuned = Embeddings(encode(tuned, comp.tokenizer, prompts), plain_original.uncond)
     for w, expected in ((0.0, run(plain_original, None)), (1.0, run(plain_original, plain_tuned))):
-        frozen, mixed = conditioning(comp.text_encoder, tuned, comp.tokenizer, prompts, w, train_uncond=False)
+        frozen, mixed = conditioning(comp.text_encoder, [tuned], [w], comp.tokenizer, prompts, mix_uncond=False)
         assert torch.equal(run(frozen, mixed), expected), f"w = {w}"
     assert not torch.equal(run(plain_original, None), run(plain_original, plain_tuned))
 

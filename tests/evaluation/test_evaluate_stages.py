@@ -9,7 +9,8 @@ import torch
 from textcraftor_fast import cli
 from textcraftor_fast.config import load_config
 from textcraftor_fast.evaluation import EvalOptions, Tuned, evaluate
-from textcraftor_fast.evaluation.core import conditioning, sample_set
+from textcraftor_fast.evaluation.core import sample_set
+from textcraftor_fast.inference import conditioning
 from textcraftor_fast.evaluation.stats import paired_diff
 from textcraftor_fast.models import export_text_encoder
 from textcraftor_fast.models.lora import merged_unet, save_lora
@@ -62,14 +63,13 @@ def test_each_entry_samples_with_its_own_unet_and_encoder(cfg, runs, result, tin
         assert torch.equal(s["both w=1"][metric], s["both"][metric]), metric
     assert not torch.equal(s["unet_only"]["reward"], s["original"]["reward"])
     # The pictures of the UNet-only entry are the merged LoRA's, conditioned by the original encoder.
-    from textcraftor_fast.evaluation.core import sample_images
-    from textcraftor_fast.sampler import make_schedule
+    from textcraftor_fast.sampler import make_schedule, sample_images
 
     from textcraftor_fast.evaluation.prompts import eval_prompts
 
     prompts, seeds = sample_set(eval_prompts("builtin:tiny_world", max_prompts=2), 1)  # the grid's samples
     schedule = make_schedule(tiny_world.scheduler.config, cfg.sampler.num_steps, 0.0, cfg.sampler.timestep_spacing)
-    frozen, _ = conditioning(tiny_world.text_encoder, None, tiny_world.tokenizer, prompts, 1.0, False)
+    frozen, _ = conditioning(tiny_world.text_encoder, [], [], tiny_world.tokenizer, prompts)
     want = sample_images(merged_unet(tuned_tiny_world_lora), tiny_world.vae, schedule, seeds, (4, 16, 16), frozen, None,
                          cfg.sampler.guidance_scale, 0)
     assert torch.equal(s["unet_only"]["images"], (want * 255).round().to(torch.uint8))

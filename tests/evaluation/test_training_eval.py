@@ -35,7 +35,7 @@ def test_eval_metrics_at_every_n_steps_and_the_last(tmp_path):
 
 
 def test_an_unchanged_encoder_evaluates_to_exact_zero_differences(tmp_path):
-    from textcraftor_fast.engine import Trainer
+    from textcraftor_fast.training.trainer import Trainer
 
     trainer = Trainer(_cfg(tmp_path, "train.eval_every=2"))
     try:

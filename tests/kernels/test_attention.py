@@ -13,7 +13,7 @@ import torch
 from tests.kernels.tolerance import assert_close_to_ref
 from textcraftor_fast.kernels.attention import (FlashAttention, _attn_forward, _Tile, _Tiles, attention_ref,
                                                 flash_attention, supports)
-from textcraftor_fast.memory import saved_tensor_bytes
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from textcraftor_fast.config import ModelConfig
-from textcraftor_fast.loaders import load_components
+from textcraftor_fast.models import load_components
 from textcraftor_fast.models import load_diffusers_folder
 
 _OLD_VAE_ATTN = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
@@ -54,8 +54,8 @@ def test_truncated_folder_weights_are_rejected(tiny_folder, tmp_path):
 
 
 def test_tiny_world_dispatch(tiny, monkeypatch):
-    # The tiny world lives in textcraftor_fast.tiny.world (another module); load_components only dispatches.
+    # The tiny world lives in textcraftor_fast.tiny.world, registered by name; load_components only dispatches.
     fake = types.ModuleType("textcraftor_fast.tiny.world")
-    fake.load_tiny_world = lambda: tiny
+    fake.load_tiny_world_kind = lambda cfg, seed: tiny
     monkeypatch.setitem(sys.modules, "textcraftor_fast.tiny.world", fake)
     assert load_components(ModelConfig(kind="tiny_world")) is tiny

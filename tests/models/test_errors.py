@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from textcraftor_fast.config import ModelConfig
-from textcraftor_fast.loaders import load_components
+from textcraftor_fast.models import load_components
 from textcraftor_fast.models import load_single_file, load_text_encoder
 
 

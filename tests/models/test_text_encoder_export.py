@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from textcraftor_fast.config import ModelConfig
-from textcraftor_fast.loaders import load_components
+from textcraftor_fast.models import load_components
 from textcraftor_fast.models import build_tiny_random, export_text_encoder, load_text_encoder
 
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from textcraftor_fast.models.components import drop_vae_encoder
-from textcraftor_fast.models.tiny import TINY_VAE
+from textcraftor_fast.models.tiny_random import TINY_VAE
 
 
 def test_decode_is_unchanged_and_the_encoder_half_is_gone():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from textcraftor_fast import cli, load_config
-from textcraftor_fast.engine import train
+from textcraftor_fast.training.trainer import train
 
 CONFIG = "configs/tiny_random.toml"
 FAST = ["sampler.num_steps=3", "sampler.grad_steps=1", "train.batch_size=1", "train.progress_bar=false",

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from textcraftor_fast import checkpointing as ck
+from textcraftor_fast.training import checkpoints as ck
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import train
+from textcraftor_fast.training.trainer import train
 
 
 def _tiny_encoder() -> CLIPTextModel:
@@ -64,7 +64,7 @@ def test_truncated_newest_weights_make_latest_fall_back_with_a_warning(tmp_path,
     newest = _save(tmp_path, 2)
     weights = newest / "text_encoder" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.training.checkpoints"):
         assert ck.resolve_checkpoint("latest", tmp_path).name == "step-000001"
     assert "step-000002" in caplog.text and "text_encoder/model.safetensors" in caplog.text
     with pytest.raises(ck.CheckpointError, match=r"step-000002.*not intact.*truncated"):

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from textcraftor_fast import checkpointing as ck
+from textcraftor_fast.training import checkpoints as ck
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer, _SpikeMonitor, train
+from textcraftor_fast.training.monitor import SpikeMonitor
+from textcraftor_fast.training.trainer import Trainer, train
 
 CONFIG = "configs/tiny_random.toml"
 # Random K and gradient accumulation on: the resume must restore the Python RNG and the data cursor too.
@@ -106,7 +107,7 @@ def test_a_nan_reward_skips_the_step_and_names_its_prompts(tmp_path, caplog):
 
     trainer.rewards = NaNOnce()
     before = {n: p.detach().clone() for n, p in trainer.text_encoder.named_parameters()}
-    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.engine"):
+    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.training.trainer"):
         first = trainer.train_step()
         trainer.step += 1
     assert first["skipped"] == 1 and not math.isfinite(first["loss"])
@@ -130,15 +131,15 @@ def test_the_skip_warning_names_the_prompts(tmp_path, caplog):
             return getattr(real, name)
 
     trainer.rewards = AlwaysNaN()
-    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.engine"):
+    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.training.trainer"):
         result = trainer.train()
     assert result.history[0]["skipped"] == 1
     assert "optimizer step skipped" in caplog.text and trainer.last_prompts[0] in caplog.text
 
 
 def test_a_loss_spike_is_logged_with_its_prompts(caplog):
-    monitor = _SpikeMonitor()
-    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.engine"):
+    monitor = SpikeMonitor()
+    with caplog.at_level(logging.WARNING, logger="textcraftor_fast.training.trainer"):
         calm = [monitor.check(i, 1.0 + 0.01 * math.sin(i), ["calm"]) for i in range(30)]
         spike = monitor.check(30, 5.0, ["a prompt that blew up"])
     assert not any(calm) and spike

@@ -1,4 +1,4 @@
-"""Ctrl-C presses are counted as the OS delivered them (textcraftor_fast/signals.py), not as the times Python's
+"""Ctrl-C presses are counted as the OS delivered them (textcraftor_fast/training/signals.py), not as the times Python's
 handler ran: two presses during one long C call run the handler once."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from textcraftor_fast import load_config
-from textcraftor_fast.engine import Trainer
-from textcraftor_fast.signals import DeliveredSignals
+from textcraftor_fast.training.trainer import Trainer
+from textcraftor_fast.training.signals import DeliveredSignals
 
 
 def _matmul_of(seconds: float) -> torch.Tensor:
@@ -80,10 +80,10 @@ def test_the_trainer_stops_at_once_on_two_presses_during_one_c_call(tmp_path):
     torch.set_num_threads(1)
     a = _matmul_of(1.5)
     with pytest.raises(KeyboardInterrupt):
-        with trainer._signal_handlers():
+        with trainer.stop.installed():
             _press_twice_during(lambda: a @ a)
             _let_pending_handlers_run(lambda: False)
-    assert trainer._stop_signal is None  # no "finish the step first": the first run of the handler stopped
+    assert not trainer.stop.requested  # no "finish the step first": the first run of the handler stopped
 
 
 def test_off_the_main_thread_or_beside_another_wakeup_fd_it_counts_nothing_and_changes_nothing():

@@ -44,7 +44,7 @@ def test_custom_reward_subclass_and_factory(images):
 
 
 def test_registry_errors():
-    assert {"aesthetic", "clip_score", "pickscore", "hpsv2"} <= set(REWARDS)
+    assert {"aesthetic", "clip_score", "pickscore", "hpsv2"} <= set(REWARDS.names())
     with pytest.raises(ConfigError, match=r"unknown reward name 'pickscor'.*'pickscore'"):
         build_reward(RewardConfig(name="pickscor"))
     with pytest.raises(ConfigError, match="has no attribute 'Nope'"):

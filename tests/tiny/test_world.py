@@ -65,7 +65,7 @@ def test_tokenizer_is_a_real_clip_tokenizer_with_one_token_per_word(tmp_path):
 
 def test_shipped_world_loads_as_sd_components():
     from textcraftor_fast.config import ModelConfig
-    from textcraftor_fast.loaders import load_components
+    from textcraftor_fast.models import load_components
     from textcraftor_fast.models import SDComponents
 
     comp = load_components(ModelConfig(kind="tiny_world", resolution=32))

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .core import conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
-from .prompts import eval_prompts, is_tiny_world_set
+from ..inference import conditioning
+from ..sampler import DDIMSchedule, sample_images
+from .core import reward_scorer, sample_set
+from .prompts import eval_prompts, extra_scorers
 from .stats import paired_diff
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
-    from ..sampler import DDIMSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,7 @@ class TrainingEvaluator:
         self.schedule, self.latent_shape = schedule, latent_shape
         prompts = eval_prompts(cfg.data.eval_path, cfg.data.field, cfg.data.eval_max_prompts)
         self.samples, self.seeds = sample_set(prompts, cfg.data.eval_seeds_per_prompt)
-        self.scorers = [reward_scorer(rewards)]
-        if cfg.model.kind == "tiny_world" and is_tiny_world_set(cfg.data.eval_path):
-            self.scorers.append(tiny_world_scorer())
+        self.scorers = [reward_scorer(rewards), *extra_scorers(cfg.data.eval_path, cfg.model.kind)]
         self.switch = min(cfg.sampler.effective_switch_step, len(schedule.steps) - 1)
         self._base: tuple[dict[str, Tensor], Tensor] | None = None
         logger.info("Evaluation every %d steps on %d samples of %s", cfg.train.eval_every, len(self.samples),
@@ -50,8 +49,8 @@ class TrainingEvaluator:
         bs = self.cfg.train.batch_size
         for start in range(0, len(self.samples), bs):
             prompts, seeds = self.samples[start:start + bs], self.seeds[start:start + bs]
-            frozen, mixed = conditioning(self.original, tuned, self.tokenizer, prompts, 1.0,
-                                         self.cfg.sampler.train_uncond)
+            frozen, mixed = conditioning(self.original, [tuned] if tuned is not None else [], [1.0], self.tokenizer,
+                                         prompts, self.cfg.sampler.train_uncond)
             images = sample_images(unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,
                                    self.cfg.sampler.guidance_scale, self.switch)
             for scorer in self.scorers:

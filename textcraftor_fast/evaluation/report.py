@@ -87,7 +87,7 @@ def write_csv(result: EvalResult, path: Path) -> Path:
 
 
 def _save_grid(result: EvalResult, prompts: list[str], names: list[str], path: Path) -> Path | None:
-    from ..figures import save_grid
+    from ..reporting.figures import save_grid
 
     columns = [result.scores[label]["images"].float() / 255 for label in ["original", *names]
                if "images" in result.scores[label]]
@@ -98,7 +98,7 @@ def _save_grid(result: EvalResult, prompts: list[str], names: list[str], path: P
 
 
 def _save_curves(result: EvalResult, axis: str, path: Path) -> Path | None:
-    from ..figures import save_curves
+    from ..reporting.figures import save_curves
 
     panels: dict[str, dict] = {}
     for name, curves in result.curves.items():

@@ -2,8 +2,8 @@
 how surely?
 
 For the original model and every tuned one (a tuned text encoder and/or a tuned UNet: entries.Tuned), every
-configured reward (and, on the tiny world, the judge's
-accuracy per attribute) on a prompt set with paired seeds; the table holds means, paired differences and
+configured reward (and the scores a registered prompt set adds: the tiny
+world's judge accuracy per attribute) on a prompt set with paired seeds; the table holds means, paired differences and
 95% intervals. Beside it: the interpolation curve (w = 0 ... 1) and the switch-step curve of each tuned
 encoder, and a grid of pictures (prompts x encoders). Finished batches are cached on disk, so a killed
 evaluation restarts where it stopped and gives the same table.
@@ -30,9 +30,11 @@ from torch import Tensor
 from ..config import TrainConfig
 from . import report
 from .cache import ScoreCache, fingerprint, weights_fingerprint
-from .core import EVAL_SEED0, Variant, conditioning, reward_scorer, sample_images, sample_set, tiny_world_scorer
+from ..inference import conditioning
+from ..sampler import sample_images
+from .core import EVAL_SEED0, Variant, reward_scorer, sample_set
 from .entries import Tuned, as_tuned
-from .prompts import eval_prompts, is_tiny_world_set
+from .prompts import eval_prompts, extra_scorers
 from .result import EvalResult
 from .stats import compare_paired, mean_ci, paired_diff
 
@@ -47,7 +49,8 @@ CACHE_VERSION = 2
 @dataclass(frozen=True)
 class EvalOptions:
     prompts: str = "builtin:parti"
-    """A prompt file (.txt/.jsonl/.csv/.tsv/.parquet), 'builtin:parti', or 'builtin:tiny_world[:validation]'."""
+    """A prompt file (.txt/.jsonl/.csv/.tsv/.parquet) or a registered set: 'builtin:parti', a plugin's (the tiny
+    world's 'builtin:tiny_world[:validation]')."""
     field: str = "prompt"
     max_prompts: int | None = None
     seeds_per_prompt: int = 1
@@ -99,7 +102,7 @@ class _Evaluation:
     """The loaded models and settings of one evaluation, and the sampling/scoring of one variant."""
 
     def __init__(self, config: TrainConfig, entries: Sequence[Tuned], out_dir: Path, opts: EvalOptions):
-        from ..loaders import load_components
+        from ..models.loading import load_components
         from ..models import load_text_encoder
         from ..models.lora import load_unet
         from ..rewards import build_rewards
@@ -126,9 +129,8 @@ class _Evaluation:
         self.latent_shape = (comp.unet.config.in_channels, side, side)
         self.prompts = eval_prompts(opts.prompts, opts.field, opts.max_prompts)
         self.samples, self.seeds = sample_set(self.prompts, opts.seeds_per_prompt, opts.seed0)
-        self.scorers = [reward_scorer(build_rewards(config.rewards, self.device))]
-        if config.model.kind == "tiny_world" and is_tiny_world_set(opts.prompts):
-            self.scorers.append(tiny_world_scorer())
+        self.scorers = [reward_scorer(build_rewards(config.rewards, self.device)),
+                        *extra_scorers(opts.prompts, config.model.kind)]
         self.grid_n = min(opts.grid_prompts, len(self.prompts))
         self.cache = ScoreCache(out_dir / "cache")
         # Keyed by weights, not paths: a retrained encoder at the same path is a new key, and adding an
@@ -140,7 +142,7 @@ class _Evaluation:
                           "original": weights_fingerprint(self.original), "steps": self.num_steps, "cfg": self.guidance,
                           "spacing": s.timestep_spacing, "train_uncond": s.train_uncond,
                           "prompts": fingerprint(self.prompts), "spc": opts.seeds_per_prompt, "seed0": opts.seed0,
-                          "batch": opts.batch_size, "grid": self.grid_n, "tiny_judge": len(self.scorers) > 1}
+                          "batch": opts.batch_size, "grid": self.grid_n, "extra_scorers": len(self.scorers) - 1}
         self._memo: dict[str, dict[str, Tensor]] = {}
 
     def variant_key(self, v: Variant) -> str:
@@ -158,8 +160,8 @@ class _Evaluation:
     def _run_batch(self, v: Variant, start: int) -> dict[str, Tensor]:
         idx = range(start, min(start + self.opts.batch_size, len(self.samples)))
         prompts, seeds = [self.samples[i] for i in idx], [self.seeds[i] for i in idx]
-        tuned = self.tuned[v.encoder] if v.encoder is not None else None
-        frozen, mixed = conditioning(self.original, tuned, self.comp.tokenizer, prompts, v.weight,
+        tuned = [self.tuned[v.encoder]] if v.encoder is not None else []
+        frozen, mixed = conditioning(self.original, tuned, [v.weight], self.comp.tokenizer, prompts,
                                      self.config.sampler.train_uncond)
         unet = self.unets[v.unet] if v.unet is not None else self.unet
         images = sample_images(unet, self.vae, self.schedule, seeds, self.latent_shape, frozen, mixed,

@@ -5,11 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..host_memory import release_freed_host_memory
+from ..memory.host_heap import release_freed_host_memory
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from torch import Tensor, nn
     from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15"
@@ -50,11 +49,3 @@ def drop_vae_encoder(vae: AutoencoderKL) -> int:
             setattr(vae, name, None)
     release_freed_host_memory()
     return freed
-
-
-def encode_prompts(text_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> Tensor:
-    """SD's conditioning: the last hidden state of the ids padded to the tokenizer's max length, (B, L, D), in the
-    caller's grad mode (evaluation, the tiny world and the tests all encode through this one function)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]

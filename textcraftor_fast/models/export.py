@@ -35,6 +35,8 @@ from .components import SDComponents
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
 
+    from ..config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
 Layout = Literal["diffusers", "pipeline", "single_file", "lora"]
@@ -253,3 +255,33 @@ def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | None, out_pat
         _require_folder_name(out_path, layout)
         save_unet_folder(unet, out_path, dtype)
     return out_path
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def export(config: TrainConfig, out: str | Path, text_encoder: str | Path | None = None,
+           unet: str | Path | None = None, layout: Layout = "diffusers", full: bool = False,
+           dtype: Literal["fp32", "fp16"] = "fp32") -> Path:
+    """Export a tuned text encoder and/or UNet of the model `config.model` names, in `layout` (the module docstring
+    says what each layout holds and what loads it); returns the written path.
+
+    `text_encoder`: a text_encoder folder, a run or checkpoint folder holding one, or a .safetensors file; `unet`: a
+    UNet-stage result (a LoRA folder, a UNet folder, or a run/checkpoint folder holding unet_lora/ or unet/), merged
+    into the weights for every layout but 'lora'. The layout is checked, and `out` refused when it is the base
+    model's own folder, before the base model loads."""
+    from .loading import load_components
+    from .loading import load_text_encoder
+    from .lora import load_unet
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, EXPORT_DTYPES))}, got {dtype!r}")
+    check_layout(layout, full, text_encoder is not None, unet is not None)
+    if config.model.path and Path(out).resolve() == Path(config.model.path).resolve():
+        # A pipeline export into the base folder would replace its original text encoder with the tuned one.
+        raise ValueError(f"out '{out}' is the base model (model.path); write the export somewhere else")
+    comp = load_components(config.model, seed=config.seed)
+    encoder = load_text_encoder(text_encoder, config=comp.text_encoder.config) if text_encoder else None
+    tuned_unet = load_unet(unet, comp.unet, merge=layout != "lora") if unet else None
+    return export_tuned(comp, encoder, out, layout=layout, full=full, dtype=EXPORT_DTYPES[dtype],
+                        timestep_spacing=config.sampler.timestep_spacing, unet=tuned_unet)

@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..registry import MODEL_KINDS, import_target
 from . import keymap
 from .components import COMPONENT_NAMES, SD15_CONFIG_DIR, SDComponents
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
+
+    from ..config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +270,30 @@ def load_pretrained(path: str | Path) -> SDComponents:
         return load_single_file(path)
     raise FileNotFoundError(f"model path '{path}' does not exist (expected a diffusers folder with model_index.json, "
                             f"or one {'/'.join(SINGLE_FILE_SUFFIXES)} file)")
+
+
+def load_pretrained_kind(cfg, seed: int = 0) -> SDComponents:
+    """model.kind = 'pretrained' (registry.MODEL_KINDS): `load_pretrained(cfg.path)`."""
+    if not cfg.path:
+        raise ValueError("model.path is empty: set it to a diffusers folder or a .safetensors/.ckpt file "
+                         "when model.kind='pretrained'")
+    return load_pretrained(cfg.path)
+
+
+def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
+    """The SD components `cfg` names, with `cfg.text_encoder_path` (if set) replacing the text encoder.
+
+    `cfg.kind` is a registered model kind ('pretrained': `cfg.path` is a diffusers folder or one original-layout
+    .safetensors/.ckpt of the SD1.5 architecture; 'tiny_random': `build_tiny_random(seed)`; a plugin's, e.g. the
+    tiny world's 'tiny_world') or the 'module:function' of a loader `f(cfg, seed) -> SDComponents`."""
+    target = MODEL_KINDS.get(cfg.kind).loader if ":" not in cfg.kind else cfg.kind
+    comp = import_target(target, "model kind")(cfg, seed)
+    if cfg.text_encoder_path:
+        # The override must fit the base model's architecture, so its config is the base encoder's.
+        comp.base_text_encoder = comp.text_encoder
+        comp.text_encoder = load_text_encoder(cfg.text_encoder_path, config=comp.text_encoder.config)
+        logger.info("Replaced the text encoder with %s", cfg.text_encoder_path)
+    return comp
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Rewards: the protocol, the registry of built-in rewards (imported lazily), and `build_rewards`.
+"""Rewards: the protocol, `build_rewards`, and the names a config can give (registry.REWARDS: the built-in
+rewards and a plugin's, imported only when a config names them, so unused towers cost nothing).
 
 A config entry names a registered reward or a custom one as 'module:callable', where the callable is a
 `Reward` subclass (built with `from_config(spec, device, dtype)` when it has one, else with the entry's
@@ -8,51 +9,34 @@ resize/clamp and `options`) or a factory `f(spec, **options)` returning a Reward
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Sequence
 
 import torch
 
 from ..config import ConfigError, RewardConfig
+from ..registry import REWARDS, import_target
 from .base import CallableReward, Reward, WeightedRewards, freeze, preprocess
 
-# name -> "module:attribute"; imported only when a config names it, so unused towers cost nothing.
-REWARDS: dict[str, str] = {
-    "brightness": "textcraftor_fast.rewards.simple:BrightnessReward",
-    "colorfulness": "textcraftor_fast.rewards.simple:ColorfulnessReward",
-    "aesthetic": "textcraftor_fast.rewards.aesthetic:AestheticReward",
-    "clip_score": "textcraftor_fast.rewards.clip_score:ClipScoreReward",
-    "pickscore": "textcraftor_fast.rewards.pickscore:PickScoreReward",
-    "hpsv2": "textcraftor_fast.rewards.hpsv2:HPSv2Reward",
-    "tiny_alignment": "textcraftor_fast.tiny.rewards:AlignmentReward",
-    "tiny_aesthetic": "textcraftor_fast.tiny.rewards:PaletteAestheticReward",
-}
-
-
 def _import(target: str):
-    module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        return import_target(target, "reward")
     except ImportError as e:
-        raise ConfigError(f"reward '{target}': cannot import module '{module_name}': {e}") from None
-    if not hasattr(module, attr):
-        raise ConfigError(f"reward '{target}': module '{module_name}' has no attribute '{attr}'")
-    return getattr(module, attr)
+        raise ConfigError(str(e)) from None
 
 
 def build_reward(spec: RewardConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Reward:
     """Instantiate one reward from its config entry, frozen, on `device`."""
     if spec.name in REWARDS:
-        target = _import(REWARDS[spec.name])
+        target = _import(REWARDS.get(spec.name))
     elif ":" in spec.name:
         target = _import(spec.name)
     else:
         import difflib
-        close = difflib.get_close_matches(spec.name, list(REWARDS), n=3)
+        close = difflib.get_close_matches(spec.name, REWARDS.names(), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown reward name '{spec.name}'.{hint} Valid names: {', '.join(sorted(REWARDS))}, "
+        raise ConfigError(f"unknown reward name '{spec.name}'.{hint} Valid names: {', '.join(REWARDS.names())}, "
                           "or 'module:callable' for a custom reward.")
     common = dict(resize=spec.resize, clamp_min=spec.clamp_min, clamp_max=spec.clamp_max)
     if inspect.isclass(target) and issubclass(target, Reward):

@@ -295,3 +295,9 @@ def tower_from_options(path: str, opts: dict[str, Any], *, default_arch: str, wi
         path, arch=opts["arch"] or default_arch, with_text=with_text, device=device, dtype=dtype,
         tokenizer_path=opts["tokenizer_path"], cache_size=int(opts["cache_size"]), quick_gelu=opts["quick_gelu"],
         vision_heads=opts["vision_heads"], text_heads=opts["text_heads"], what=what)
+
+
+def reward_vision_towers(rewards: nn.Module) -> list[nn.Module]:
+    """The image sides of the CLIP towers inside `rewards` (what runs on every step's images)."""
+    towers = [m for m in rewards.modules() if isinstance(m, ClipTower)]
+    return [t.model.vision_model for t in towers if hasattr(t.model, "vision_model")]

@@ -8,7 +8,7 @@ features are then bitwise what its own copy gave.
 
 The comparison reads the tower's .safetensors files with plain reads, not through the tensors just loaded:
 those are memory-mapped, and pages touched there stay resident for as long as the file's image half keeps the
-mapping alive, so comparing through them would cost the memory the sharing saves (measured). Towers from other
+mapping alive, so comparing through them would cost the memory the sharing saves. Towers from other
 files (open_clip/OpenAI checkpoints, .bin) are compared in memory.
 """
 from __future__ import annotations

@@ -219,15 +219,6 @@ def save_judge(judge: M.Judge, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps({"width": 32, "attributes": D.ATTRIBUTES}, indent=2) + "\n")
 
 
-def load_judge(folder: Path) -> M.Judge:
-    from safetensors.torch import load_file
-
-    cfg = json.loads((folder / "config.json").read_text())
-    judge = M.Judge(width=cfg["width"])
-    judge.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return judge.eval().requires_grad_(False)
-
-
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m textcraftor_fast.tiny.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package's weights/)")
@@ -261,7 +252,7 @@ def _stage_judge(args, out: Path, vae) -> tuple[M.Judge, dict]:
     all_imgs, all_caps = D.make_dataset(D.all_captions(), args.judge_images, args.seed + 2)
     test_imgs, test_caps = D.make_dataset(D.all_captions(), max(1, args.judge_images // 4), args.seed + 3)
     if "judge" in args.reuse:
-        judge = load_judge(out / "judge")
+        judge = M.read_judge(out / "judge")
     else:
         judge = train_judge(all_imgs, D.labels(all_caps), vae, args.judge_steps, args.seed + 4)
         save_judge(judge, out / "judge")
@@ -304,9 +295,11 @@ def main(argv=None) -> dict:
     info["seconds"]["generator"] = time.time() - t0
     info["generator_loss_last100"] = sum(curve[-100:]) / len(curve[-100:])
     if args.eval_seeds > 0:
+        from ..models import SDComponents
         from .evaluate import base_accuracy
 
-        info["base_held_out"] = base_accuracy(unet, vae, te, tok, judge, seeds_per_caption=args.eval_seeds)
+        comp = SDComponents(unet, vae, te, tok, M.build_scheduler())
+        info["base_held_out"] = base_accuracy(comp, judge, seeds_per_caption=args.eval_seeds)
     info["seconds"]["total"] = time.time() - t0
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("built the tiny world in %.0f s -> %s\n%s", info["seconds"]["total"], out,

@@ -161,7 +161,7 @@ def _grid(comp, judge, rewards, arm_cfg, tuned, base, prompts, seeds, out_dir: P
 def arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) -> tuple[dict, Any, Any]:
     """Fine-tune one arm (`cfg`) into out_dir/<name> and evaluate it on (prompts, seeds) against `base`, the
     original encoder's results there: (report entry with table and verdict, the run's config, tuned encoder)."""
-    from ..monitor import weight_drift
+    from ..training.monitor import weight_drift
 
     arm_cfg, result, tuned, seconds, threads = _train_arm(name, cfg, out_dir)
     t0 = time.time()
@@ -181,7 +181,7 @@ def arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) -
 
 def load_world(cfg: TrainConfig):
     """(components, judge, rewards) of the demo's world, loaded once for every arm and evaluation."""
-    from ..loaders import load_components
+    from ..models.loading import load_components
     from ..rewards import build_rewards
     from .world import load_judge
 

@@ -1,27 +1,29 @@
 """Held-out evaluation of the tiny world with paired seeds: judge accuracy per attribute, rewards,
 and paired 95% intervals of before/after differences.
 
-Sample k of an evaluation set is (caption k mod C, seed EVAL_SEED0 + k): every model is evaluated on the
-same (caption, initial noise) pairs, so per-sample differences are paired and their interval is tight.
+Sample k of an evaluation set is (caption k mod C, seed EVAL_SEED0 + k) (evaluation.core.sample_set): every
+model is evaluated on the same (caption, initial noise) pairs, so per-sample differences are paired and their
+interval is tight. Conditioning and sampling are the engine's (inference.conditioning, sampler.sample_images).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..evaluation.core import Scorer, sample_set
 from ..evaluation.stats import compare_paired, mean_ci, paired_diff  # noqa: F401 (re-exported)
+from ..inference import conditioning
+from ..sampler import make_schedule, sample_images
 from . import data as D
-from ..models.components import encode_prompts
-from .sampling import generate
+from .models import LATENT_SIZE
 
-EVAL_SEED0 = 1_000_000  # far from every training seed
+SAMPLE_BATCH = 128  # rows sampled at once: a batch size changes float rounding, so every evaluation keeps this one
+LATENT_SHAPE = (4, LATENT_SIZE, LATENT_SIZE)
 
 
-def eval_set(captions: list[D.Caption], seeds_per_caption: int,
-             seed0: int = EVAL_SEED0) -> tuple[list[str], list[int]]:
+def eval_set(captions: list[D.Caption], seeds_per_caption: int) -> tuple[list[str], list[int]]:
     """(prompts, seeds): each caption repeated `seeds_per_caption` times, each sample its own seed."""
-    prompts = [c.text for _ in range(seeds_per_caption) for c in captions]
-    return prompts, [seed0 + k for k in range(len(prompts))]
+    return sample_set([c.text for c in captions], seeds_per_caption)
 
 
 @torch.no_grad()
@@ -39,41 +41,45 @@ def judge_samples(judge, images: Tensor, prompts: list[str]) -> dict[str, Tensor
     return out
 
 
-@torch.no_grad()
-def base_accuracy(unet, vae, text_encoder, tokenizer, judge, seeds_per_caption: int = 9,
-                  guidance_scales: tuple[float, ...] = (3.0, 5.0, 7.5), num_steps: int = 10) -> dict:
-    """The base model's held-out test, validation (and train-caption) judge accuracy per attribute at a few CFG scales."""
-    from ..sampler import Embeddings
-    from .models import scheduler_config
+def judge_scorer() -> Scorer:
+    """Judge accuracy per attribute ('<attr>_correct' in {0, 1}) of tiny-world images of its captions: the extra
+    scores the world's prompt sets bring to `evaluate` and evaluation during training (plugin.py)."""
+    from .world import load_judge
 
-    uncond = encode_prompts(text_encoder, tokenizer, [""])
+    judge = load_judge()
+
+    def score(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        res = judge_samples(judge, images.cpu().float(), prompts)
+        return {k: v.double() for k, v in res.items() if k.endswith("_correct")}
+    return score
+
+
+def sample_world(comp, frozen, mixed, seeds: list[int], num_steps: int, guidance_scale: float,
+                 timestep_spacing: str = "trailing", switch_step: int = 0, progress: str | None = None) -> Tensor:
+    """Images in [0, 1] (N, 3, 32, 32) of the world's model from `seeds`, `frozen` before `switch_step`, `mixed`
+    (None: `frozen`) from it."""
+    schedule = make_schedule(comp.scheduler.config, num_steps, 0.0, timestep_spacing)
+    return sample_images(comp.unet, comp.vae, schedule, seeds, LATENT_SHAPE, frozen, mixed, guidance_scale,
+                         switch_step, batch_size=SAMPLE_BATCH, progress=progress)
+
+
+@torch.no_grad()
+def base_accuracy(comp, judge, seeds_per_caption: int = 9, guidance_scales: tuple[float, ...] = (3.0, 5.0, 7.5),
+                  num_steps: int = 10) -> dict:
+    """The base model's held-out test, validation (and train-caption) judge accuracy per attribute at a few CFG
+    scales."""
     result: dict = {}
     splits = (("test", D.test_captions()), ("validation", D.validation_captions()),
               ("train", D.train_captions()[::4]))
     for split, caps in splits:
         prompts, seeds = eval_set(caps, 2 if split == "train" else seeds_per_caption)
-        cond = encode_prompts(text_encoder, tokenizer, prompts)
+        frozen, _ = conditioning(comp.text_encoder, [], [], comp.tokenizer, prompts)
         for g in guidance_scales:
-            images = generate(unet, vae, scheduler_config(), seeds, Embeddings(cond, uncond), num_steps=num_steps,
-                              guidance_scale=g)
+            images = sample_world(comp, frozen, None, seeds, num_steps, g)
             scores = judge_samples(judge, images, prompts)
             result[f"{split}/cfg{g}"] = {a: round(scores[f"{a}_correct"].mean().item(), 3) for a in D.ATTRIBUTES}
             result[f"{split}/cfg{g}"]["n"] = len(prompts)
     return result
-
-
-@torch.no_grad()
-def embeddings_for(original, tuned, tokenizer, prompts: list[str], train_uncond: bool, w: float = 1.0):
-    """(frozen, mixed): the original encoder's Embeddings and e = w * tuned + (1 - w) * original (the paper's
-    interpolation; the unconditional embedding is mixed too only when it was trained)."""
-    from ..sampler import Embeddings
-
-    cond_o, uncond_o = encode_prompts(original, tokenizer, prompts), encode_prompts(original, tokenizer, [""])
-    if tuned is None:
-        return Embeddings(cond_o, uncond_o), None
-    cond_t = encode_prompts(tuned, tokenizer, prompts)
-    uncond_t = encode_prompts(tuned, tokenizer, [""]) if train_uncond else uncond_o
-    return Embeddings(cond_o, uncond_o), Embeddings(torch.lerp(cond_o, cond_t, w), torch.lerp(uncond_o, uncond_t, w))
 
 
 @torch.no_grad()
@@ -84,13 +90,12 @@ def evaluate_encoder(comp, judge, rewards, sampler_cfg, prompts: list[str], seed
 
     The tuned encoder takes over from the training run's switch step (num_steps - K), as in training.
     """
-    from ..monitor import mean_pairwise_cosine
+    from ..training.monitor import mean_pairwise_cosine
 
-    frozen, mixed = embeddings_for(comp.text_encoder, tuned, comp.tokenizer, prompts, sampler_cfg.train_uncond, w)
-    images = generate(comp.unet, comp.vae, comp.scheduler.config, seeds, frozen, mixed,
-                      switch_step=sampler_cfg.effective_switch_step, num_steps=sampler_cfg.num_steps,
-                      guidance_scale=sampler_cfg.guidance_scale, timestep_spacing=sampler_cfg.timestep_spacing,
-                      progress=progress)
+    frozen, mixed = conditioning(comp.text_encoder, [tuned] if tuned is not None else [], [w], comp.tokenizer,
+                                 prompts, sampler_cfg.train_uncond)
+    images = sample_world(comp, frozen, mixed, seeds, sampler_cfg.num_steps, sampler_cfg.guidance_scale,
+                          sampler_cfg.timestep_spacing, sampler_cfg.effective_switch_step, progress)
     out = judge_samples(judge, images, prompts)
     total, parts = rewards(images, prompts)
     out["reward"] = total.detach()
@@ -138,7 +143,7 @@ def format_read_as(counts: dict[str, int], sep: str = " / ") -> str:
 
 
 def verdict(table: dict[str, dict[str, float]], targets: list[str]) -> dict:
-    """The issue's acceptance, computed, never tuned: every targeted attribute's accuracy and the reward
+    """The demo's acceptance, computed, never tuned: every targeted attribute's accuracy and the reward
     improve with paired 95% intervals above zero, and no other attribute falls by more than its interval."""
     target_ok = {a: table[f"{a}_correct"]["lo"] > 0 for a in targets}
     others_ok = {a: table[f"{a}_correct"]["hi"] >= 0 for a in D.ATTRIBUTES if a not in targets}

@@ -7,6 +7,9 @@ cross-attention only at 8x8 costs about half of one with cross-attention at 16x1
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -119,3 +122,13 @@ def count_params(module: nn.Module) -> int:
 def latent_stats(vae, images: Tensor) -> float:
     """Std of the VAE's latent means over `images`: SD's scaling_factor is 1 / this."""
     return vae.encode(images * 2 - 1).latent_dist.mean.std().item()
+
+
+def read_judge(folder: Path) -> Judge:
+    """The judge saved in `folder` (config.json + model.safetensors), frozen."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    judge = Judge(width=cfg["width"])
+    judge.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return judge.eval().requires_grad_(False)

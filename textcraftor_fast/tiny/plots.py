@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..figures import pyplot as _plt
-from ..figures import save_grid  # noqa: F401 (the demo's grid)
+from ..reporting.figures import pyplot as _plt
+from ..reporting.figures import save_grid  # noqa: F401 (the demo's grid)
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:

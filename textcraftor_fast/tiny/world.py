@@ -49,8 +49,13 @@ def load_tiny_world(folder: str | Path | None = None):
     return comp
 
 
+def load_tiny_world_kind(cfg, seed: int = 0):
+    """model.kind = 'tiny_world' (registered by plugin.py): the shipped world."""
+    return load_tiny_world()
+
+
 def load_judge(folder: str | Path | None = None):
     """The world's judge CNN (frozen), the model behind the tiny-world rewards."""
-    from .build import load_judge as _load
+    from .models import read_judge
 
-    return _load(weights_dir(folder) / "judge")
+    return read_judge(weights_dir(folder) / "judge")

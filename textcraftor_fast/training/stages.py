@@ -1,0 +1,234 @@
+"""Training stages: what a run fine-tunes, how its weights go into a checkpoint, and what the run leaves behind.
+
+    TextEncoderStage  train.stage = "text_encoder" (TextCraftor): the CLIP text encoder trains with fp32 master
+                      weights; a frozen copy of it, the "original", conditions the early no-grad steps; the UNet
+                      is frozen. Checkpoints hold text_encoder/; the run ends by writing output.dir/text_encoder/.
+    UNetStage         train.stage = "unet" (the paper's second stage, AlignProp / DRaFT style): the UNet trains,
+                      as LoRA adapters (peft) or in full; the text encoder (model.text_encoder_path, e.g. an
+                      encoder-stage run's text_encoder/; unset: the base one) is frozen and is both the "original"
+                      and the "trainable" encoder, so the sampler's two embeddings coincide and carry no gradient.
+                      Checkpoints hold unet_lora/ (or unet/); the run ends by writing output.dir/unet_lora/ (or
+                      unet/) and, when model.text_encoder_path is set, a copy of that encoder in text_encoder/, so
+                      that the run folder holds everything that differs from the base model.
+
+The Trainer asks a stage for its modules, its checkpoint `weights` (checkpointing.Weights), `export` at the end,
+`monitor` per log line and `evaluated` for evaluation during training; it never asks which stage it runs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import COMMON, REQUIRED, EncoderWeights, Weights
+from ..models.lora import LORA_WEIGHTS, UNET_WEIGHTS
+from .monitor import embedding_monitor
+from ..rewards import freeze
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..models import SDComponents
+
+logger = logging.getLogger(__name__)
+
+LORA_DIR, UNET_DIR, ENCODER_DIR = "unet_lora", "unet", "text_encoder"
+
+
+LORA_FILES = (f"{LORA_DIR}/{LORA_WEIGHTS}",)
+FULL_UNET_FILES = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{UNET_WEIGHTS}")
+
+
+def checkpoint_files(cfg: TrainConfig) -> tuple[str, ...]:
+    """Every file a checkpoint of this config's stage must hold besides the manifest (known before any model is
+    built, so that a resume target is checked in milliseconds)."""
+    if cfg.train.stage == "text_encoder":
+        return REQUIRED
+    return (*(LORA_FILES if cfg.unet.method == "lora" else FULL_UNET_FILES), *COMMON)
+
+
+class Stage:
+    """The modules a Trainer runs and what it trains. `unet` is what the sampler calls; `text_encoder` gives the
+    embeddings of the graph-carrying steps and `original_encoder` (frozen) those of the early steps; the optimizer
+    updates the parameters of `trainable` that require grad; `base_unet` is the UNet before any update."""
+
+    name: str
+    unet: nn.Module
+    text_encoder: nn.Module
+    original_encoder: nn.Module
+    trainable: nn.Module
+    base_unet: nn.Module | None
+    weights: Weights
+
+    def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
+        """What the run leaves in `output_dir` ({'text_encoder': ..., 'unet': ...}); files only when `write`."""
+        raise NotImplementedError
+
+    def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
+        """Cheap numbers for each log line that show the trained model drifting."""
+        raise NotImplementedError
+
+    def evaluated(self) -> tuple[nn.Module | None, nn.Module]:
+        """(tuned encoder or None, UNet) to evaluate against (original encoder, `base_unet`)."""
+        raise NotImplementedError
+
+    def unets(self) -> dict[str, nn.Module]:
+        """Every distinct UNet module the run calls: each gets the same op swaps and speed options, or the base
+        and the tuned UNet differ before any update."""
+        found = {"unet": self.unet}
+        if self.base_unet is not None and not isinstance(self.base_unet, AdaptersDisabled) \
+                and self.base_unet is not self.unet:
+            found["base_unet"] = self.base_unet  # method 'full': a frozen copy, for evaluation during training
+        return found
+
+
+class TextEncoderStage(Stage):
+    name = "text encoder"
+
+    def __init__(self, comp: SDComponents, device: torch.device, cast: dict) -> None:
+        # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only cost memory
+        # and a cast per call. The trainable encoder keeps fp32 master weights.
+        self.unet = self.base_unet = freeze(comp.unet).to(device, **cast)
+        self.text_encoder = self.trainable = comp.text_encoder.to(device).float().train()
+        self.text_encoder.requires_grad_(True)
+        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
+        self.weights = EncoderWeights(self.text_encoder)
+
+    def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
+        final = output_dir / ENCODER_DIR
+        if write:
+            from ..models import export_text_encoder
+
+            export_text_encoder(self.text_encoder, final, layout="diffusers")
+        return {"text_encoder": final}
+
+    def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
+        return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts)
+
+    def evaluated(self) -> tuple[nn.Module | None, nn.Module]:
+        return self.text_encoder, self.unet
+
+
+class AdaptersDisabled(nn.Module):
+    """The base UNet of a LoRA-adapted one, without a copy: calls run with the adapters switched off."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+class _LoraWeights:
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.files = LORA_FILES
+
+    def save(self, folder: Path) -> None:
+        from ..models.lora import save_lora
+
+        save_lora(self.unet, folder / LORA_DIR)  # fp32 adapters: the diffusers file is the exact state
+
+    def load(self, folder: Path) -> None:
+        from ..models.lora import load_lora_state
+
+        load_lora_state(self.unet, folder / LORA_DIR)
+
+
+class _FullUNetWeights:
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.files = FULL_UNET_FILES
+
+    def save(self, folder: Path) -> None:
+        self.unet.save_pretrained(folder / UNET_DIR)
+
+    def load(self, folder: Path) -> None:
+        from ..models.loading import check_keys, load_safetensors
+
+        path = folder / UNET_DIR / UNET_WEIGHTS
+        state = load_safetensors(path)
+        check_keys({k: v.shape for k, v in self.unet.state_dict().items()}, state, "UNet", path)
+        self.unet.load_state_dict(state, strict=True)
+
+
+class UNetStage(Stage):
+    name = "UNet"
+
+    def __init__(self, comp: SDComponents, device: torch.device, cast: dict, cfg: TrainConfig) -> None:
+        u = cfg.unet
+        self.method = u.method
+        self.keep_encoder = bool(cfg.model.text_encoder_path)
+        # The frozen encoder stays fp32 (it is small beside the UNet): the copy written at the end is exact.
+        self.text_encoder = freeze(comp.text_encoder).to(device)
+        # Sample as the encoder stage trained and as evaluation and generate sample a tuned encoder: the steps before
+        # sampler.switch_step and the unconditional embedding from the base model's encoder, the rest from the tuned
+        # one. (Conditioning both on the tuned encoder trained the adapters under a CFG that inference never uses.)
+        base = comp.base_text_encoder
+        self.original_encoder = self.text_encoder if base is None else freeze(base).to(device, **cast)
+        # eval(): the UNet has no dropout to switch, and eval keeps every sampler call the same function the
+        # no-grad steps and inference use.
+        unet = comp.unet.to(device).float().eval()
+        if u.method == "lora":
+            from ..models.lora import add_lora
+
+            # Adapters are created in the base layer's dtype, so they are added while it is fp32; the frozen base
+            # is then cast and the adapters kept fp32 (diffusers' cast_training_params).
+            n = add_lora(unet, u.rank, u.lora_alpha, u.target_modules, u.init)
+            unet.to(**cast)
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            self.base_unet = AdaptersDisabled(unet)
+            self.weights: Weights = _LoraWeights(unet)
+            logger.info("UNet stage: LoRA rank %d, alpha %g on %s (%s parameters)", u.rank, u.lora_alpha,
+                        ", ".join(u.target_modules), f"{n:,}")
+        else:
+            unet.requires_grad_(True)
+            # The base is needed only to compare against during training: a frozen copy in the autocast dtype.
+            self.base_unet = freeze(copy.deepcopy(unet)).to(**cast) if cfg.train.eval_every > 0 else None
+            self.weights = _FullUNetWeights(unet)
+            logger.info("UNet stage: full fine-tuning, fp32 master weights")
+        self.unet = self.trainable = unet
+        if cfg.train.embedding_anchor > 0:
+            logger.warning("train.embedding_anchor=%g regularises the text encoder's embeddings; the UNet stage "
+                           "keeps the encoder frozen, so it has no effect here", cfg.train.embedding_anchor)
+
+    def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
+        out = {"unet": output_dir / (LORA_DIR if self.method == "lora" else UNET_DIR)}
+        if self.keep_encoder:
+            out["text_encoder"] = output_dir / ENCODER_DIR
+        if write:
+            self.weights.save(output_dir)
+            if self.keep_encoder:
+                from ..models import export_text_encoder
+
+                export_text_encoder(self.text_encoder, out["text_encoder"], layout="diffusers")
+        return out
+
+    def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
+        if self.method == "lora":
+            from ..models.lora import lora_drift
+
+            return {"drift": lora_drift(self.unet)}
+        return {}
+
+    def evaluated(self) -> tuple[nn.Module | None, nn.Module]:
+        return (self.text_encoder if self.keep_encoder else None), self.unet
+
+
+def build_stage(cfg: TrainConfig, comp: SDComponents, device: torch.device, cast: dict) -> Stage:
+    """The stage `cfg.train.stage` names, built from loaded components (which it moves, casts and freezes)."""
+    if cfg.train.stage == "text_encoder":
+        return TextEncoderStage(comp, device, cast)
+    if cfg.train.stage == "unet":
+        return UNetStage(comp, device, cast, cfg)
+    raise ValueError(f"train.stage must be one of 'text_encoder', 'unet'; got {cfg.train.stage!r}")
