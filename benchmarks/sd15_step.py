@@ -9,12 +9,15 @@ Arms (issue 12):
             (sampler.checkpoint_towers); each encoder tensor steps inside backward (optim.step_in_backward: the
             same update, no whole gradient held);
   fast      ours, sampler.checkpoint=auto and checkpoint_vae=auto: with the budget ample (CPU's default),
-            nothing is recomputed.
+            nothing is recomputed;
+  lora      (only when asked for: --arms) lean's settings with encoder.method=lora (rank 16 on the attention
+            projections): the adapters train, the original encoder is the base with them off.
 Models: random weights in the SD1.5 architecture, one original-layout file through the real single-file loader;
 a reward with a CLIP ViT-L/14 tower (clip_score; its weight gradients are the official code's waste) whose text
 half is the SD1.5 file's text encoder, as for the published models (ours keeps one copy, the official code two).
 
   python benchmarks/sd15_step.py --out DIR [--rounds 2 --steps 2 --threads 2 --latent 16 --num-steps 25 --k 5]
+                                           [--arms baseline,lean,fast,lora]
 
 writes DIR/sd15_step.json (every arm's step times and peak RSS per process, medians, ratios to the baseline).
 The benchmark suite (test_bench_sd15_step.py) calls `run` at this size; under `--benchmark-disable` (make test) it
@@ -35,13 +38,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("baseline", "lean", "fast")
+ARMS = ("baseline", "lean", "fast")  # the default run's arms
+ALL_ARMS = (*ARMS, "lora")
 ARM_OVERRIDES = {
     "baseline": [],  # baseline_official.OFFICIAL_OVERRIDES are added by official_trainer
     "lean": ["sampler.checkpoint=step", "sampler.checkpoint_vae=blocks", "sampler.checkpoint_towers=true",
              "optim.step_in_backward=true"],
     "fast": ["sampler.checkpoint=auto", "sampler.checkpoint_vae=auto"],
 }
+ARM_OVERRIDES["lora"] = [*ARM_OVERRIDES["lean"], "encoder.method=lora"]
 
 
 def sd15_overrides(model: Path, tower: Path, latent: int, num_steps: int, k: int, batch: int) -> list[str]:
@@ -177,7 +182,9 @@ def main() -> int:
     ap.add_argument("--num-steps", type=int, default=25)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # child process: one arm
+    ap.add_argument("--arms", type=lambda s: tuple(s.split(",")), default=ARMS,
+                    help=f"comma-separated arms, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)})")
+    ap.add_argument("--arm", choices=ALL_ARMS, help=argparse.SUPPRESS)  # child process: one arm
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--overrides-json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,8 +198,11 @@ def main() -> int:
     model, tower = models / "sd15.safetensors", models / "vit_l14"
     if not model.exists() or not tower.exists():
         write_random_sd15(model, tower=tower)
+    unknown = set(args.arms) - set(ALL_ARMS)
+    if unknown:
+        ap.error(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ALL_ARMS)}")
     summary = run(sd15_overrides(model, tower, args.latent, args.num_steps, args.k, args.batch), args.out,
-                  args.rounds, args.steps, args.threads)
+                  args.rounds, args.steps, args.threads, args.arms)
     (args.out / "sd15_step.json").write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
     return 0

@@ -70,6 +70,27 @@ def tuned_tiny_world_lora(tiny_world):
     return unet.eval().requires_grad_(False)
 
 
+@pytest.fixture(scope="session")
+def make_encoder_lora():
+    """make(encoder, seed, rank, alpha, targets, std): a copy of `encoder` with LoRA adapters whose up matrices are
+    `std` x fixed noise (seed): an "encoder-stage LoRA result" that changes the embedding visibly."""
+    import copy
+
+    from textcraftor_fast.models.encoder_lora import add_encoder_lora
+
+    def make(encoder, seed: int, rank: int, alpha: float, targets: tuple[str, ...], std: float):
+        adapted = copy.deepcopy(encoder)
+        add_encoder_lora(adapted, rank, alpha, targets)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(std * torch.randn(p.shape, generator=g))
+        return adapted
+
+    return make
+
+
 def _file_minutes(item: pytest.Item) -> float:
     marker = item.get_closest_marker("slow")
     return 0.0 if marker is None else float(marker.kwargs.get("minutes", 1))

@@ -206,7 +206,7 @@ def test_without_peft_the_encoder_stage_trains_and_lora_names_the_extra(tmp_path
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"encoder stage: {tmp_path / 'encoder' / 'text_encoder'}" in proc.stdout
-    assert "unet stage: unet.method='lora' needs the peft package: pip install 'textcraftor-fast[unet]'" in proc.stdout
+    assert "unet stage: unet.method='lora' needs the peft package: pip install 'textcraftor-fast[lora]'" in proc.stdout
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -156,7 +156,9 @@ def _add_generate(sub) -> None:
     _common(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="prompts file (.txt/.jsonl/.csv/.parquet)")
-    g.add_argument("--text-encoder", action="append", help="tuned encoder folder/checkpoint/.safetensors (repeatable)")
+    g.add_argument("--text-encoder", action="append", help="tuned encoder folder/checkpoint/.safetensors, or an "
+                   "encoder LoRA (folder or run) with an optional scale, LoRAs stacked with +: 'a:0.8+b:0.5' "
+                   "(repeatable)")
     g.add_argument("--unet", help="tuned UNet (UNet stage): a LoRA folder, a UNet folder, or a run holding unet_lora/ "
                                   "or unet/; used at every step")
     g.add_argument("--weights", type=float, nargs="+", help="one mixing weight per --text-encoder")
@@ -174,12 +176,14 @@ def _add_export(sub) -> None:
     e = sub.add_parser("export", help="export a tuned text encoder and/or UNet: a component folder, a UNet LoRA, a "
                                       "whole diffusers pipeline, or the original single-file layout")
     _common(e)
-    e.add_argument("--text-encoder", help="tuned encoder folder/run/checkpoint/.safetensors")
+    e.add_argument("--text-encoder", help="tuned encoder folder/run/checkpoint/.safetensors, or an encoder LoRA "
+                   "(merged into the weights for every layout but lora; 'PATH:SCALE' / 'a+b' as in generate)")
     e.add_argument("--unet", help="tuned UNet (UNet stage): a LoRA folder, a UNet folder, or a run/checkpoint folder "
                                   "holding unet_lora/ or unet/")
     e.add_argument("--layout", choices=["diffusers", "pipeline", "single_file", "lora"], default="diffusers",
                    help="diffusers: the tuned component's folder (a text_encoder/ folder for CLIPTextModel."
-                        "from_pretrained, or a merged unet/ folder); lora: the UNet LoRA for pipe.load_lora_weights; "
+                        "from_pretrained, or a merged unet/ folder); lora: the encoder's and/or the UNet's LoRA in one "
+                        "file for pipe.load_lora_weights; "
                         "pipeline: the base model's folder with the tuned parts (StableDiffusionPipeline."
                         "from_pretrained); single_file: the tuned parts' original-layout keys in one .safetensors "
                         "(default diffusers)")
@@ -198,8 +202,8 @@ def _add_evaluate(sub) -> None:
                                         "table with 95%% intervals, picture grid, interpolation and switch-step curves")
     _common(v)
     v.add_argument("--text-encoder", action=_Entry, const="text_encoder", dest="entries", metavar="PATH",
-                   help="tuned encoder: text_encoder folder, run folder, or .safetensors (repeatable; none: the "
-                        "original alone)")
+                   help="tuned encoder: text_encoder folder, run folder, or .safetensors, or an encoder LoRA with "
+                        "an optional scale, stacked with +: 'a:0.8+b:0.5' (repeatable; none: the original alone)")
     v.add_argument("--model", action=_Entry, const="model", dest="entries", metavar="PATH",
                    help="a tuned model: a run folder holding text_encoder/ and/or unet_lora/ (or unet/), e.g. a "
                         "UNet-stage run, or a UNet LoRA/UNet folder alone (repeatable)")

@@ -111,7 +111,7 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
                        ("cpu" if device == "auto" else device))
     comp = load_components(model, seed=0)
     original = comp.text_encoder.to(dev).eval()
-    tuned = [load_text_encoder(p, config=original.config).to(dev).eval() for p in text_encoders]
+    tuned = [load_text_encoder(p, config=original.config, base=original).to(dev).eval() for p in text_encoders]
     if weights is None:
         weights = [opts.weight / max(len(tuned), 1)] * len(tuned)
     if len(weights) != len(tuned):

@@ -6,7 +6,7 @@
 (a .pth import hook) is not active; only the SITE_DIRs (the venv's site-packages) are added. Nothing from
 textcraftor_fast may be imported here: the report records whether it could have been.
 
-Each job loads a pipeline one way (then a UNet LoRA with `load_lora_weights` where the job names one), samples with a list of CPU generators seeded seed + i (diffusers then
+Each job loads a pipeline one way (then LoRAs with `load_lora_weights`, and `set_adapters` for several), samples with a list of CPU generators seeded seed + i (diffusers then
 draws sample i's noise from generator i) and saves the (N, 3, H, W) images in [0, 1] as OUT_DIR/<name>.pt.
 """
 import json
@@ -16,8 +16,12 @@ from pathlib import Path
 
 def _load(job):
     pipe = _load_pipeline(job)
-    if job.get("lora"):  # a UNet LoRA, loaded as a diffusers user loads one
+    if job.get("lora"):  # a LoRA (the UNet's and/or the text encoder's), loaded as a diffusers user loads one
         pipe.load_lora_weights(job["lora"])
+    if job.get("loras"):  # several, each a named adapter, weighted as diffusers' set_adapters does
+        for spec in job["loras"]:
+            pipe.load_lora_weights(spec["path"], adapter_name=spec["name"])
+        pipe.set_adapters([spec["name"] for spec in job["loras"]], [spec["weight"] for spec in job["loras"]])
     return pipe
 
 

@@ -36,6 +36,7 @@ from textcraftor_fast.tiny.world import WEIGHTS_DIR
 SEED, STEPS, GUIDANCE, RESOLUTION = 7, 4, 5.0, 32
 PROMPTS = ["a small red circle on black", "a large blue triangle on white"]
 TOL = 1e-5
+STACK = (0.7, -0.6)  # set_adapters weights of the two stacked encoder LoRAs
 STOCK_SCRIPT = Path(__file__).with_name("stock_diffusers_pipeline.py")
 
 
@@ -69,7 +70,14 @@ def lora(tuned_tiny_world_lora):
 
 
 @pytest.fixture(scope="module")
-def exports(world, tuned, lora, tmp_path_factory):
+def encoder_loras(world, make_encoder_lora):
+    """Two encoder-stage LoRA results: rank 4, alpha 8 (a scale of 2) on attention and fc1; rank 2, alpha 2 on q, v."""
+    return (make_encoder_lora(world.text_encoder, 2468, 4, 8.0, ("q_proj", "k_proj", "v_proj", "out_proj", "fc1"), 0.3),
+            make_encoder_lora(world.text_encoder, 1357, 2, 2.0, ("q_proj", "v_proj"), 0.3))
+
+
+@pytest.fixture(scope="module")
+def exports(world, tuned, lora, encoder_loras, tmp_path_factory):
     d = tmp_path_factory.mktemp("exports")
     sd15_like = build_tiny_random(seed=0)  # SD1.5's scheduler config: 'leading' spacing unless the export says
     sd15_tuned = build_tiny_random(seed=5).text_encoder
@@ -90,6 +98,11 @@ def exports(world, tuned, lora, tmp_path_factory):
                                       unet=lora),
         "single_file_full_both": export_tuned(world, tuned, d / "full_both.safetensors", "single_file", full=True,
                                               unet=lora),
+        # Encoder LoRA: alone, a second one to stack, both stages' LoRAs in one file, and merged into a folder.
+        "encoder_lora": export_tuned(world, encoder_loras[0], d / "encoder_lora", "lora"),
+        "encoder_lora_b": export_tuned(world, encoder_loras[1], d / "encoder_lora_b", "lora"),
+        "both_lora": export_tuned(world, encoder_loras[0], d / "both_lora", "lora", unet=lora),
+        "encoder_lora_merged": export_tuned(world, encoder_loras[0], d / "encoder_lora_merged", "diffusers"),
     }
 
 
@@ -111,6 +124,13 @@ def _jobs(exports, workdir: Path) -> list[dict]:
         "unet_folder": dict(load="pretrained_with_unet", path=base, unet=str(exports["unet_folder"])),
         "pipeline_both": dict(load="pretrained", path=str(exports["pipeline_both"])),
         "single_file_full_both": dict(load="single_file", path=str(exports["single_file_full_both"]), config=base),
+        "encoder_lora": dict(load="pretrained", path=base, lora=str(exports["encoder_lora"])),
+        "encoder_lora_stacked": dict(load="pretrained", path=base, loras=[
+            dict(path=str(exports["encoder_lora"]), name="a", weight=STACK[0]),
+            dict(path=str(exports["encoder_lora_b"]), name="b", weight=STACK[1])]),
+        "both_lora": dict(load="pretrained", path=base, lora=str(exports["both_lora"])),
+        "encoder_lora_merged": dict(load="pretrained_with_text_encoder", path=base,
+                                    text_encoder=str(exports["encoder_lora_merged"])),
     }
     return [dict(name=name, **spec, **common) for name, spec in specs.items()]
 
@@ -234,3 +254,56 @@ def test_our_generate_with_the_exported_lora_matches_the_adapted_unet(world, lor
     want = (ours(world, None, unet=lora)[0].permute(1, 2, 0).reshape(-1, 3) * 255).round()
     assert (png - want).abs().max() <= 1  # 8-bit PNG of the same image
     assert Image.open(paths[0]).text["unet"] == str(exports["lora"].resolve())
+
+
+# ------------------------------------------------------------------------------------------- text-encoder LoRA
+ENCODER_LORA_JOBS = ["encoder_lora", "encoder_lora_stacked", "both_lora", "encoder_lora_merged"]
+
+
+def _generate_uint8(world, out: Path, text_encoder: str, unet: str | None = None) -> torch.Tensor:
+    """Our `generate` (the CLI's function) from the exported files, read back from its PNGs: (N, 3, H, W) uint8."""
+    import numpy as np
+    from PIL import Image
+
+    from textcraftor_fast.config import ModelConfig
+    from textcraftor_fast.inference import generate
+
+    opts = GenerateOptions(num_steps=STEPS, guidance_scale=GUIDANCE, switch_step=0, weight=1.0, seed=SEED,
+                           batch_size=len(PROMPTS))
+    paths = generate(ModelConfig(kind="tiny_world", resolution=RESOLUTION), PROMPTS, out, [text_encoder], opts=opts,
+                     device="cpu", unet=unet)
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what our PNG writer and diffusers' numpy_to_pil do
+
+
+@pytest.mark.parametrize("name", ENCODER_LORA_JOBS)
+def test_stock_load_lora_weights_samples_our_generates_images(name, world, exports, stock, tmp_path):
+    report, images = stock
+    folder = {"encoder_lora": exports["encoder_lora"], "both_lora": exports["both_lora"],
+              "encoder_lora_merged": exports["encoder_lora_merged"],
+              "encoder_lora_stacked": f"{exports['encoder_lora']}:{STACK[0]}+{exports['encoder_lora_b']}:{STACK[1]}"}
+    unet = str(exports["both_lora"]) if name == "both_lora" else None
+    ours_uint8 = _generate_uint8(world, tmp_path, str(folder[name]), unet)
+    stock_uint8 = _to_uint8(images[name])
+    assert report["jobs"][name]["timesteps"] == [999, 749, 499, 249]
+    # Stock diffusers runs the adapters unmerged (W x + s B A x), ours the merged weights ((W + s B A) x): the same
+    # numbers up to float32 rounding, which can move a pixel across a rounding boundary of the uint8 image.
+    off = (ours_uint8.int() - stock_uint8.int()).abs()
+    print(f"{name}: {int((off > 0).sum())} of {off.numel()} uint8 values differ, by at most {int(off.max())}")
+    assert int(off.max()) <= 1 and int((off > 0).sum()) <= off.numel() // 1000, name
+    base_uint8 = _to_uint8(ours(world, None))
+    assert (stock_uint8.int() - base_uint8.int()).abs().max() > 10  # the LoRA changes the images
+
+
+def test_the_encoder_lora_export_holds_the_text_encoder_keys_diffusers_expects(exports):
+    from safetensors import safe_open
+
+    with safe_open(str(exports["both_lora"] / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys, metadata = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    prefixes = {k.split(".", 1)[0] for k in keys}
+    assert prefixes == {"text_encoder", "unet"}
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys if k.startswith("text_encoder"))
+    assert metadata["text_encoder.lora_alpha"] == 8.0 and metadata["unet.lora_alpha"] == 8.0

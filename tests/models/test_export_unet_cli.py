@@ -75,8 +75,9 @@ def test_pipeline_and_single_files_hold_both_stages(run_dir, merged, tuned_tiny_
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--unet", "RUN", "--text-encoder", "RUN", "--layout", "lora"], "layout 'lora' writes a UNet LoRA alone"),
-    (["--text-encoder", "RUN", "--layout", "lora"], "layout 'lora' writes a UNet LoRA alone: give --unet"),
+    (["--unet", "RUN", "--text-encoder", "RUN", "--layout", "lora"], "layout 'lora' needs a text-encoder LoRA; .* is a "
+                                                                     "full encoder"),
+    (["--text-encoder", "RUN", "--layout", "lora"], "layout 'lora' needs a text-encoder LoRA"),
     (["--unet", "RUN", "--text-encoder", "RUN"], "layout 'diffusers' writes one component's folder"),
     (["--layout", "pipeline"], "nothing to export"),
     (["--unet", "RUN", "--full"], "layout 'diffusers' writes the merged UNet alone"),

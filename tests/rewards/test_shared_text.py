@@ -64,6 +64,26 @@ def test_an_equal_text_transformer_is_shared_and_gives_the_same_features(pair):
     assert not any(p.requires_grad for p in tower.parameters())
 
 
+def test_a_lora_adapted_encoder_is_shared_with_its_adapters_off(pair):
+    from textcraftor_fast.models.encoder_lora import add_encoder_lora
+    from textcraftor_fast.models.adapters import AdaptersDisabled
+
+    folder, model = pair
+    tower = load_clip_tower(folder)
+    before = tower.encode_text(PROMPTS)
+    encoder = _encoder_like(model)
+    add_encoder_lora(encoder, 4, 4.0, ("q_proj", "v_proj"))
+    with torch.no_grad():  # trained adapters: the adapted encoder is no longer the tower's text transformer
+        for name, p in encoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    original = AdaptersDisabled(encoder)
+    assert share_text_transformers(original, nn.ModuleList([tower])) == {"0": _text_bytes(model.text_model)}
+    assert tower.model.text_model is original
+    torch.testing.assert_close(tower.encode_text(PROMPTS), before, atol=0, rtol=0)
+    assert all(p.requires_grad for name, p in encoder.named_parameters() if ".lora_" in name)
+
+
 @pytest.mark.parametrize("change", ["one weight", "eos token", "dtype"])
 def test_a_different_text_transformer_is_not_shared(pair, change):
     folder, model = pair

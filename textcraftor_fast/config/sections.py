@@ -172,6 +172,15 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "an integer >= 0", self.warmup_steps)
 
 
+def _check_lora(section: Any, prefix: str, targets: str) -> None:
+    """The LoRA keys [unet] and [encoder] share: rank, alpha, target_modules."""
+    _check(section.rank >= 1, f"{prefix}.rank", "an integer >= 1", section.rank)
+    _check(section.alpha is None or section.alpha > 0, f"{prefix}.alpha", "a float > 0 or unset (alpha = rank)",
+           section.alpha)
+    _check(len(section.target_modules) >= 1 and all(bool(m) for m in section.target_modules),
+           f"{prefix}.target_modules", f"a non-empty list of {targets}", section.target_modules)
+
+
 # The attention projections diffusers' LoRA training scripts adapt (train_text_to_image_lora.py), which every
 # diffusers LoRA loader expects to find in an SD1.5 UNet LoRA.
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -199,12 +208,37 @@ class UNetConfig:
         return float(self.rank) if self.alpha is None else self.alpha
 
     def validate(self, prefix: str) -> None:
-        _check(self.rank >= 1, f"{prefix}.rank", "an integer >= 1", self.rank)
-        _check(self.alpha is None or self.alpha > 0, f"{prefix}.alpha", "a float > 0 or unset (alpha = rank)",
-               self.alpha)
-        _check(len(self.target_modules) >= 1 and all(bool(m) for m in self.target_modules),
-               f"{prefix}.target_modules", "a non-empty list of module names such as "
-               f"{list(DEFAULT_LORA_TARGETS)}", self.target_modules)
+        _check_lora(self, prefix, "module names such as " + str(list(DEFAULT_LORA_TARGETS)))
+
+
+# The CLIP text transformer's attention projections: what diffusers' DreamBooth-LoRA script adapts in a text encoder
+# (and what TexForce's released encoder LoRAs adapt); "fc1", "fc2" add the MLP.
+DEFAULT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The text-encoder stage (train.stage = 'text_encoder'): how the encoder is fine-tuned (docs/encoder_lora.md)."""
+
+    method: Literal["full", "lora"] = "full"
+    """'full': every encoder weight, fp32 master weights, a frozen copy as the original encoder (the paper);
+    'lora': low-rank adapters (peft) on `target_modules`, the base frozen in the autocast dtype and, with the
+    adapters switched off, the original encoder itself (no second copy)."""
+    rank: int = 16
+    """LoRA rank r (TexForce's text-encoder LoRAs: 16)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / rank. Unset: alpha = rank (scale 1)."""
+    target_modules: tuple[str, ...] = DEFAULT_ENCODER_LORA_TARGETS
+    """Module names (peft suffix match) that get adapters: the attention projections; add 'fc1', 'fc2' for the MLP."""
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    """Initialisation of LoRA's down matrix (the up matrix starts at zero, so the first step is the base model)."""
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    def validate(self, prefix: str) -> None:
+        _check_lora(self, prefix, "CLIP module names such as " + str([*DEFAULT_ENCODER_LORA_TARGETS, "fc1", "fc2"]))
 
 
 @dataclass(frozen=True)
@@ -381,10 +415,11 @@ class TrainConfig:
     ops: OpsConfig = field(default_factory=OpsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet", "ops"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet", "encoder", "ops"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")
@@ -415,6 +450,10 @@ class TrainConfig:
                      "'auto', 'none' or 'ddp' on one process (DeepSpeed steps its own way)",
                      self.distributed.backend)):
                 _check(ok, key, f"{valid} with optim.step_in_backward=true", value)
+        # The UNet stage's encoder is frozen: an encoder LoRA from an encoder-stage run goes in model.text_encoder_path.
+        _check(self.encoder.method == "full" or self.train.stage == "text_encoder", "encoder.method",
+               "'full' with train.stage='unet' (the encoder is frozen there; give a tuned encoder or encoder LoRA as "
+               "model.text_encoder_path)", self.encoder.method)
         _check(self.train.eval_every == 0 or bool(self.data.eval_path), "data.eval_path",
                "a prompt file or built-in set when train.eval_every > 0 (e.g. 'builtin:parti')", self.data.eval_path)
 

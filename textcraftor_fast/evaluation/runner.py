@@ -33,7 +33,7 @@ from .cache import ScoreCache, fingerprint, weights_fingerprint
 from ..inference import conditioning
 from ..sampler import sample_images
 from .core import EVAL_SEED0, Variant, reward_scorer, sample_set
-from .entries import Tuned, as_tuned
+from .entries import Tuned, as_tuned, run_name
 from .prompts import eval_prompts, extra_scorers
 from .result import EvalResult
 from .stats import compare_paired, mean_ci, paired_diff
@@ -90,8 +90,7 @@ def _device(name: str) -> torch.device:
 
 def encoder_name(path: str) -> str:
     """A column name for a tuned encoder: its run folder's name ('outputs/run1/text_encoder' -> 'run1')."""
-    p = Path(path)
-    return p.parent.name if p.name in ("text_encoder", "") and p.parent.name else p.stem or str(p)
+    return run_name(Path(path))
 
 
 def _entry_name(entry: str | Tuned) -> str:
@@ -116,8 +115,8 @@ class _Evaluation:
         self.vae = comp.vae.to(self.device).eval()
         self.original = comp.text_encoder.to(self.device).eval()
         # Per entry: its tuned encoder and its tuned UNet (a LoRA merged into a copy of the base), or None.
-        self.tuned = [load_text_encoder(e.text_encoder, config=comp.text_encoder.config).to(self.device).eval()
-                      if e.text_encoder else None for e in entries]
+        self.tuned = [load_text_encoder(e.text_encoder, config=comp.text_encoder.config, base=comp.text_encoder)
+                      .to(self.device).eval() if e.text_encoder else None for e in entries]
         self.unets = [load_unet(e.unet, comp.unet).to(self.device).eval() if e.unet else None for e in entries]
         s = config.sampler
         self.num_steps = opts.num_steps or s.num_steps

@@ -7,7 +7,8 @@ what loads it:
     layout="diffusers"            the tuned component's folder: a text_encoder/ folder (CLIPTextModel.from_pretrained,
                                   to pass as StableDiffusionPipeline.from_pretrained(base, text_encoder=...)) or a
                                   merged unet/ folder (UNet2DConditionModel.from_pretrained, passed as unet=...)
-    layout="lora"                 the UNet's LoRA in diffusers' format: pipe.load_lora_weights(out)
+    layout="lora"                 the text encoder's and/or the UNet's LoRA in diffusers' format, one file:
+                                  pipe.load_lora_weights(out)
     layout="pipeline"             whole diffusers folder (base parts + the tuned encoder and/or merged UNet):
                                   StableDiffusionPipeline.from_pretrained(out)
     layout="single_file"          .safetensors of the tuned parts' keys only (`cond_stage_model.transformer.
@@ -34,6 +35,8 @@ from .components import SDComponents
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
+
+    from .encoder_lora import EncoderLora
 
     from ..config import TrainConfig
 
@@ -187,16 +190,13 @@ def check_layout(layout: str, full: bool = False, text_encoder: bool = True, une
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
     if full and layout != "single_file":
-        what = {"pipeline": "already writes every component", "lora": "writes the UNet's LoRA alone"}.get(layout, (
+        what = {"pipeline": "already writes every component", "lora": "writes LoRA adapters alone"}.get(layout, (
             f"writes the {'text encoder' if text_encoder else 'merged UNet'} alone (layout 'pipeline' writes a whole "
             "diffusers folder)"))
         raise ValueError(f"--full (full=True) writes the whole single-file checkpoint and applies to layout "
                          f"'single_file' only; layout '{layout}' {what}")
     if not (text_encoder or unet):
         raise ValueError("nothing to export: give a tuned text encoder (--text-encoder) and/or a tuned UNet (--unet)")
-    if layout == "lora" and (text_encoder or not unet):
-        raise ValueError("layout 'lora' writes a UNet LoRA alone: give --unet (a LoRA folder or a UNet-stage run) and "
-                         "no --text-encoder (export the encoder with layout 'diffusers', or both with 'pipeline')")
     if layout == "diffusers" and text_encoder and unet:
         raise ValueError("layout 'diffusers' writes one component's folder, and both a text encoder and a UNet were "
                          "given: use layout 'pipeline' (a whole folder) or 'single_file', or export each on its own")
@@ -209,11 +209,29 @@ def save_unet_folder(unet: torch.nn.Module, folder: str | Path, dtype: torch.dty
     return Path(folder)
 
 
-def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | None, out_path: str | Path,
+def _save_loras(text_encoder, unet: torch.nn.Module | None, out_path: Path, dtype: torch.dtype | None) -> Path:
+    """Layout 'lora': the encoder's and/or the UNet's adapters in one diffusers LoRA file."""
+    from .encoder_lora import EncoderLora, has_encoder_lora, save_encoder_lora
+    from .lora import has_lora, save_lora, unet_lora_parts
+
+    if unet is not None and not has_lora(unet):
+        raise ValueError("layout 'lora' needs a LoRA-adapted UNet; this one has no LoRA (a full fine-tune): "
+                         "export it with layout 'diffusers', 'pipeline' or 'single_file'")
+    if text_encoder is not None and not (isinstance(text_encoder, EncoderLora) or has_encoder_lora(text_encoder)):
+        raise ValueError("layout 'lora' needs a text-encoder LoRA (an encoder.method='lora' run); this encoder is a "
+                         "full fine-tune: export it with layout 'diffusers', 'pipeline' or 'single_file'")
+    _require_folder_name(out_path, "lora")
+    if text_encoder is None:
+        return save_lora(unet, out_path, dtype)
+    return save_encoder_lora(text_encoder, out_path, dtype, **(unet_lora_parts(unet, dtype) if unet else {}))
+
+
+def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | EncoderLora | None, out_path: str | Path,
                  layout: Layout = "diffusers", full: bool = False, dtype: torch.dtype | None = None,
                  timestep_spacing: str | None = None, unet: torch.nn.Module | None = None) -> Path:
-    """Export a tuned text encoder and/or a tuned `unet` (LoRA-adapted or plain) in `layout` (what loads each: the
-    module docstring); returns `out_path`.
+    """Export a tuned text encoder (plain, LoRA-adapted, or an `EncoderLora` read from a file) and/or a tuned `unet`
+    (LoRA-adapted or plain) in `layout` (what loads each: the module docstring); returns `out_path`. Adapters are
+    merged into the weights for every layout but 'lora' (an `EncoderLora` into `base`'s encoder).
 
     `base` supplies the rest of the whole-model layouts ("pipeline"; "single_file" with `full`): its UNet, VAE,
     text encoder, tokenizer and scheduler where no tuned one is given. `timestep_spacing` goes into the pipeline's scheduler config so that stock
@@ -224,13 +242,11 @@ def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | None, out_pat
     check_layout(layout, full, text_encoder is not None, unet is not None)
     out_path = Path(out_path)
     if layout == "lora":
-        from .lora import has_lora, save_lora
+        return _save_loras(text_encoder, unet, out_path, dtype)
+    if text_encoder is not None:
+        from .encoder_lora import as_plain_encoder
 
-        if not has_lora(unet):
-            raise ValueError("layout 'lora' needs a LoRA-adapted UNet; this one has no LoRA (a full fine-tune): "
-                             "export it with layout 'diffusers', 'pipeline' or 'single_file'")
-        _require_folder_name(out_path, layout)
-        return save_lora(unet, out_path, dtype)
+        text_encoder = as_plain_encoder(text_encoder, base.text_encoder)
     if unet is not None:
         from .lora import merged_unet
 
@@ -280,8 +296,14 @@ def export(config: TrainConfig, out: str | Path, text_encoder: str | Path | None
     if config.model.path and Path(out).resolve() == Path(config.model.path).resolve():
         # A pipeline export into the base folder would replace its original text encoder with the tuned one.
         raise ValueError(f"out '{out}' is the base model (model.path); write the export somewhere else")
+    lora = None
+    if text_encoder and layout == "lora":  # the adapters as they are: read (and checked) before the base loads
+        from .encoder_lora import read_lora_for_export
+
+        lora = read_lora_for_export(str(text_encoder))
     comp = load_components(config.model, seed=config.seed)
-    encoder = load_text_encoder(text_encoder, config=comp.text_encoder.config) if text_encoder else None
+    encoder = lora if lora is not None or not text_encoder else load_text_encoder(
+        text_encoder, config=comp.text_encoder.config, base=comp.text_encoder)
     tuned_unet = load_unet(unet, comp.unet, merge=layout != "lora") if unet else None
     return export_tuned(comp, encoder, out, layout=layout, full=full, dtype=EXPORT_DTYPES[dtype],
                         timestep_spacing=config.sampler.timestep_spacing, unet=tuned_unet)

@@ -21,6 +21,7 @@ import torch
 from ..registry import MODEL_KINDS, import_target
 from . import keymap
 from .components import COMPONENT_NAMES, SD15_CONFIG_DIR, SDComponents
+from .tensors import load_safetensors
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
@@ -36,18 +37,6 @@ StateDict = dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------
 # Reading files and strict loading
 # ---------------------------------------------------------------------------------------------------------
-
-def load_safetensors(path: str | Path) -> StateDict:
-    """A .safetensors file's tensors; a truncated or foreign file is a ValueError naming the path."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"'{path}' is not a readable .safetensors file ({e}): it is truncated, corrupted or in "
-                         "another format; re-download or re-export it") from None
-
 
 def read_state_dict(path: str | Path) -> StateDict:
     """Tensors of a .safetensors or .ckpt file (a Lightning .ckpt's "state_dict" is unwrapped)."""
@@ -291,7 +280,8 @@ def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
     if cfg.text_encoder_path:
         # The override must fit the base model's architecture, so its config is the base encoder's.
         comp.base_text_encoder = comp.text_encoder
-        comp.text_encoder = load_text_encoder(cfg.text_encoder_path, config=comp.text_encoder.config)
+        comp.text_encoder = load_text_encoder(cfg.text_encoder_path, config=comp.text_encoder.config,
+                                              base=comp.text_encoder)
         logger.info("Replaced the text encoder with %s", cfg.text_encoder_path)
     return comp
 
@@ -300,21 +290,34 @@ def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
 # Text encoder override
 # ---------------------------------------------------------------------------------------------------------
 
-def load_text_encoder(path: str | Path, config: Any = None, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
+def load_text_encoder(path: str | Path, config: Any = None, dtype: torch.dtype = torch.float32,
+                      base: torch.nn.Module | None = None) -> CLIPTextModel:
     """A text encoder from a transformers folder (config.json + weights, or a parent with text_encoder/) or one
-    .safetensors/.ckpt file of its state dict in any layout, whose architecture is `config` (default: SD1.5's)."""
+    .safetensors/.ckpt file of its state dict in any layout, whose architecture is `config` (default: SD1.5's).
+
+    A text-encoder LoRA (a LoRA folder or file with `text_encoder.*` keys, a run holding text_encoder_lora/), with
+    an optional scale and '+'-stacked others ('a:0.7+b:0.5', models/encoder_lora.py), is merged into a copy of
+    `base` (the model's own encoder), which it then requires."""
     from transformers import CLIPTextModel
 
+    from .encoder_lora import parse_lora_stack, stack_loras
+
+    stack = parse_lora_stack(str(path))
+    if stack is not None:
+        if base is None:
+            raise ValueError(f"'{path}' is a text-encoder LoRA: it needs the base model's encoder to apply to")
+        return stack_loras(base, stack).to(dtype)
     path = Path(path)
     if path.is_dir():
         folder = path if (path / "config.json").is_file() else path / "text_encoder"
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"text encoder folder '{path}' has no config.json (nor text_encoder/config.json); "
-                                    f"expected a folder written by save_pretrained or a .safetensors file")
+            raise FileNotFoundError(f"text encoder folder '{path}' has no config.json (nor text_encoder/config.json, "
+                                    f"text_encoder_lora/); expected a folder written by save_pretrained, a LoRA "
+                                    f"folder, or a .safetensors file")
         return _from_pretrained(CLIPTextModel, folder, "text encoder", dtype=dtype)
     if not path.exists():
-        raise FileNotFoundError(f"text encoder path '{path}' does not exist (expected a text_encoder folder or a "
-                                f".safetensors file)")
+        raise FileNotFoundError(f"text encoder path '{path}' does not exist (expected a text_encoder folder, a LoRA "
+                                f"folder or a .safetensors file)")
     config = config if config is not None else _clip_config(SD15_CONFIG_DIR / "text_encoder")
     state_dict = read_state_dict(path)
     return text_encoder_from_state_dict(state_dict, config, path, dtype)

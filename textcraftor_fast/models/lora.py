@@ -10,8 +10,9 @@ The file is what diffusers' own training scripts write (`convert_state_dict_to_d
 get_peft_model_state_dict(unet))` through `save_lora_weights`, keys `unet.<module>.lora.down/up.weight`) plus
 the adapter's LoraConfig as safetensors metadata, so an alpha other than the rank survives the round trip.
 
-peft is an optional dependency: only the UNet stage's LoRA path imports it (`require_peft`), so the package
-and the text-encoder stage work without it.
+peft is an optional dependency: only the LoRA paths import it (`require_peft`), so the package and the full
+text-encoder stage work without it. What any adapted model shares (the adapters switch, the LoRA file's parts, the
+drift) is in adapters.py; the text encoder's LoRA in encoder_lora.py.
 """
 from __future__ import annotations
 
@@ -23,25 +24,15 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
+from .adapters import ADAPTER, LORA_WEIGHTS, lora_file, lora_parts, require_peft
+
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: what load_lora_weights looks for
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-ADAPTER = "default"
 PREFIX = "unet"  # StableDiffusionLoraLoaderMixin.unet_name: the key prefix of a pipeline LoRA's UNet part
-INSTALL_HINT = "pip install 'textcraftor-fast[unet]'"
-
-
-def require_peft(what: str):
-    """The peft module, or an ImportError that says which feature needs it and how to install it."""
-    try:
-        import peft
-    except ImportError:
-        raise ImportError(f"{what} needs the peft package: {INSTALL_HINT} (or pip install peft)") from None
-    return peft
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: Sequence[str],
@@ -74,24 +65,29 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
 
 
+def unet_lora_parts(unet: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The UNet's part of `save_lora_weights`' arguments: its adapters (cast to `dtype`) and their LoraConfig."""
+    from .tensors import to_saveable
+
+    return {"unet_lora_layers": to_saveable(lora_state_dict(unet), dtype),
+            "unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
+
+
 def save_lora(unet: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` as diffusers' training scripts do, with the LoraConfig as
     metadata; `dtype` casts the written tensors. Loads with `StableDiffusionPipeline.load_lora_weights(folder)`."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from .tensors import to_saveable
-
     folder = Path(folder)
-    state = to_saveable(lora_state_dict(unet), dtype)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                     unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
-    logger.info("Saved the UNet LoRA (%d tensors) to %s", len(state), folder)
+    parts = unet_lora_parts(unet, dtype)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, safe_serialization=True, **parts)
+    logger.info("Saved the UNet LoRA (%d tensors) to %s", len(parts["unet_lora_layers"]), folder)
     return folder
 
 
 def _lora_file(folder: Path) -> Path:
-    path = folder / LORA_WEIGHTS if folder.is_dir() else folder
-    if not path.is_file():
+    path = lora_file(folder)
+    if path is None:
         raise FileNotFoundError(f"'{folder}' holds no {LORA_WEIGHTS} (a UNet LoRA folder written by save_lora or "
                                 "diffusers' save_lora_weights)")
     return path
@@ -104,7 +100,7 @@ def load_lora_state(unet: nn.Module, folder: str | Path) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .loading import load_safetensors
+    from .tensors import load_safetensors
 
     path = _lora_file(Path(folder))
     state = {k.removeprefix(PREFIX + "."): v for k, v in load_safetensors(path).items()}
@@ -128,7 +124,8 @@ def merged_unet(unet: nn.Module) -> nn.Module:
 
 
 def is_lora_folder(path: Path) -> bool:
-    return (path / LORA_WEIGHTS).is_file() or (path.is_file() and path.name == LORA_WEIGHTS)
+    """A LoRA folder or file that adapts a UNet (`unet.*` keys; it may hold a text encoder's adapters too)."""
+    return PREFIX in lora_parts(path)
 
 
 def is_unet_folder(path: Path) -> bool:
@@ -151,7 +148,7 @@ def load_unet(path: str | Path, base_unet: UNet2DConditionModel, merge: bool = T
         require_peft("loading a UNet LoRA")
         from peft.utils import get_peft_model_state_dict
 
-        from .loading import load_safetensors
+        from .tensors import load_safetensors
 
         unet = copy.deepcopy(base_unet).float()
         unet.load_lora_adapter(str(folder), prefix=PREFIX, weight_name=LORA_WEIGHTS, local_files_only=True,
@@ -187,18 +184,3 @@ def find_unet(path: Path) -> Path:
             return path / name
     raise FileNotFoundError(f"'{path}' holds no tuned UNet: expected {LORA_WEIGHTS} (a LoRA folder), config.json + "
                             f"{UNET_WEIGHTS} (a UNet folder), or a run folder with unet_lora/ or unet/")
-
-
-@torch.no_grad()
-def lora_drift(unet: nn.Module) -> float:
-    """||sum of LoRA updates|| / ||adapted base weights|| over every adapted layer (Frobenius norms): how far the
-    adapted UNet has moved from the base, on the same scale as the text encoder's weight drift."""
-    from peft.tuners.lora import LoraLayer
-
-    num = den = 0.0
-    for module in unet.modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            delta = module.get_delta_weight(ADAPTER).float()
-            num += float(delta.pow(2).sum())
-            den += float(module.get_base_layer().weight.float().pow(2).sum())
-    return (num / max(den, 1e-30)) ** 0.5

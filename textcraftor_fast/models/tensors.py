@@ -1,7 +1,8 @@
-"""State dicts made ready for safetensors, shared by every writer (export layouts, UNet LoRAs)."""
+"""State dicts to and from safetensors, shared by every writer (export layouts, LoRAs) and reader."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -16,3 +17,15 @@ def to_saveable(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | Non
             value = value.to(dtype)
         out[key] = value.contiguous().clone()
     return out
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors; a truncated or foreign file is a ValueError naming the path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"'{path}' is not a readable .safetensors file ({e}): it is truncated, corrupted or in "
+                         "another format; re-download or re-export it") from None

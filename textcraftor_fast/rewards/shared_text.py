@@ -72,14 +72,14 @@ def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
             and all(getattr(ca, f, None) == getattr(cb, f, None) for f in _FORWARD_FIELDS))
 
 
-def _same_weights(tower_text: nn.Module, encoder_text: nn.Module, stored: Callable[[str], Tensor | None]) -> bool:
-    """Whether every parameter and buffer of `tower_text` equals the encoder's, in dtype, device and value;
-    parameter values come from `stored(name)` (the file) when it has them, else from the tower's copy."""
+def _same_weights(tower_text: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                  stored: Callable[[str], Tensor | None]) -> bool:
+    """Whether every parameter and buffer of `tower_text` equals the encoder's (`params`, `buffers`), in dtype, device
+    and value; parameter values come from `stored(name)` (the file) when it has them, else from the tower's copy."""
     theirs = dict(tower_text.named_parameters())
-    mine = dict(encoder_text.named_parameters())
-    if theirs.keys() != mine.keys():
+    if theirs.keys() != params.keys():
         return False
-    for name, p in mine.items():
+    for name, p in params.items():
         q = theirs[name]
         if (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
             return False
@@ -87,9 +87,17 @@ def _same_weights(tower_text: nn.Module, encoder_text: nn.Module, stored: Callab
         value = q if on_disk is None else on_disk.to(device=q.device, dtype=q.dtype)  # as the loader cast it
         if value.shape != p.shape or not torch.equal(value, p):
             return False
-    buffers_a, buffers_b = dict(tower_text.named_buffers()), dict(encoder_text.named_buffers())
-    return buffers_a.keys() == buffers_b.keys() and all(
-        buffers_a[k].shape == buffers_b[k].shape and torch.equal(buffers_a[k], buffers_b[k]) for k in buffers_a)
+    own_buffers = dict(tower_text.named_buffers())
+    return own_buffers.keys() == buffers.keys() and all(
+        own_buffers[k].shape == buffers[k].shape and torch.equal(own_buffers[k], buffers[k]) for k in buffers)
+
+
+def _base_tensors(text: nn.Module) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
+    """(the plain model, its parameters, its buffers) of `text`: itself, or the base of an adapted model that a
+    wrapper runs with its adapters off (models.adapters.AdaptersDisabled: `base_tensors`)."""
+    if hasattr(text, "base_tensors"):
+        return text.base_tensors()
+    return text, dict(text.named_parameters()), dict(text.named_buffers())
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -97,8 +105,9 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def share_text_transformers(encoder: nn.Module, rewards: nn.Module) -> dict[str, int]:
-    """Point every CLIP reward tower whose text transformer equals the (frozen) `encoder`'s at that module;
-    returns {tower's module name: bytes of the copy it dropped}."""
+    """Point every CLIP reward tower whose text transformer equals the (frozen) `encoder`'s at that module (a
+    LoRA-adapted encoder: at the wrapper that runs it with its adapters off); returns {tower's module name: bytes of
+    the copy it dropped}."""
     # transformers 5's CLIPTextModel is the transformer itself; 4.x wrapped it as `.text_model`.
     text = getattr(encoder, "text_model", encoder)
     shared: dict[str, int] = {}
@@ -106,10 +115,11 @@ def share_text_transformers(encoder: nn.Module, rewards: nn.Module) -> dict[str,
         if not isinstance(tower, ClipTower) or not tower.has_text or tower.model.text_model is text:
             continue
         own = tower.model.text_model
-        if not _same_architecture(own, text):
+        model, params, buffers = _base_tensors(text)
+        if not _same_architecture(own, model):
             continue
         reader = SafetensorsReader(tower.weight_files)
-        if not _same_weights(own, text, lambda n: reader.get(f"text_model.{n}")):
+        if not _same_weights(own, params, buffers, lambda n: reader.get(f"text_model.{n}")):
             logger.info("Reward tower %s: its text transformer is not the original encoder's (weights differ); "
                         "both copies kept", name or "0")
             continue

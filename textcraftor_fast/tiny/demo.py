@@ -77,7 +77,7 @@ def target_attributes() -> list[str]:
     return list(D.TARGET_ATTRIBUTES)
 
 
-def _train_arm(name: str, cfg: TrainConfig, out_dir: Path):
+def _train_arm(name: str, cfg: TrainConfig, out_dir: Path, base_encoder):
     from .. import train
 
     # The demo owns out_dir/<arm>: every demo run starts over there (a real run refuses to, see output.overwrite).
@@ -91,9 +91,10 @@ def _train_arm(name: str, cfg: TrainConfig, out_dir: Path):
         print(f"{name}: fine-tuning stopped at step {result.steps} of {arm_cfg.train.steps}; not evaluating a partial "
               f"run (checkpoint: {result.checkpoint})", file=sys.stderr)
         raise KeyboardInterrupt
-    from transformers import CLIPTextModel
+    from ..models import load_text_encoder
 
-    tuned = CLIPTextModel.from_pretrained(result.text_encoder).eval().requires_grad_(False)
+    # A LoRA run's result is an adapter file: merged into the world's own encoder, as generate/evaluate load it.
+    tuned = load_text_encoder(result.text_encoder, base=base_encoder).eval().requires_grad_(False)
     return arm_cfg, result, tuned, time.time() - t0, threads
 
 
@@ -163,7 +164,7 @@ def arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) -
     original encoder's results there: (report entry with table and verdict, the run's config, tuned encoder)."""
     from ..training.monitor import weight_drift
 
-    arm_cfg, result, tuned, seconds, threads = _train_arm(name, cfg, out_dir)
+    arm_cfg, result, tuned, seconds, threads = _train_arm(name, cfg, out_dir, comp.text_encoder)
     t0 = time.time()
     after = evaluate_encoder(comp, judge, rewards, arm_cfg.sampler, prompts, seeds, tuned=tuned,
                              progress=f"evaluating {name}")

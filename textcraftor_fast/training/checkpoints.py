@@ -150,8 +150,8 @@ def verify_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED) -> str |
         return f"{MANIFEST} is unreadable ({type(e).__name__})"
     for rel in required:
         if rel not in entries:
-            return f"{MANIFEST} does not list {rel}" + ("" if rel in COMMON else
-                                                       " (a checkpoint of another train.stage or unet.method?)")
+            return f"{MANIFEST} does not list {rel}" + ("" if rel in COMMON else " (a checkpoint of another "
+                                                       "train.stage, unet.method or encoder.method?)")
     for rel, meta in entries.items():
         f = path / rel
         if not f.is_file():

@@ -1,7 +1,8 @@
 """What the run log watches. Collapse: reward fine-tuning of a text encoder can map every prompt to one
 embedding (reward goes up, prompt adherence goes away); two cheap numbers catch it early:
   emb_cos  mean pairwise cosine of the probe prompts' pooled embeddings (rises towards 1 on collapse),
-  drift    ||theta - theta_0|| / ||theta_0|| over all encoder weights.
+  drift    ||theta - theta_0|| / ||theta_0|| over all encoder weights (encoder LoRA: ||sum of the adapters'
+           updates|| / ||adapted base weights||, models.adapters.lora_drift).
 Spikes: a loss far from its running statistics, named with the prompts that caused it (`SpikeMonitor`).
 """
 from __future__ import annotations
@@ -39,14 +40,15 @@ def weight_drift(model: nn.Module, reference: nn.Module) -> float:
 
 @torch.no_grad()
 def embedding_monitor(encoder: nn.Module, original: nn.Module, tokenize: Callable[[list[str]], Tensor],
-                      prompts: list[str]) -> dict[str, float]:
+                      prompts: list[str], drift: float) -> dict[str, float]:
+    """emb_cos of the tuned and the original encoder on `prompts`, and the stage's weight `drift`."""
     ids = tokenize(prompts)
     was_training = encoder.training
     encoder.eval()
     tuned = encode(encoder, ids)
     encoder.train(was_training)
     return {"emb_cos": mean_pairwise_cosine(tuned), "emb_cos_orig": mean_pairwise_cosine(encode(original, ids)),
-            "drift": weight_drift(encoder, original)}
+            "drift": drift}
 
 
 class SpikeMonitor:

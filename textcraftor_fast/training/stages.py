@@ -3,6 +3,9 @@
     TextEncoderStage  train.stage = "text_encoder" (TextCraftor): the CLIP text encoder trains with fp32 master
                       weights; a frozen copy of it, the "original", conditions the early no-grad steps; the UNet
                       is frozen. Checkpoints hold text_encoder/; the run ends by writing output.dir/text_encoder/.
+    EncoderLoraStage  the same with encoder.method = "lora": LoRA adapters on the encoder train, the base stays
+                      frozen and, with the adapters off, is the original (no copy). Checkpoints hold
+                      text_encoder_lora/; the run ends by writing output.dir/text_encoder_lora/.
     UNetStage         train.stage = "unet" (the paper's second stage, AlignProp / DRaFT style): the UNet trains,
                       as LoRA adapters (peft) or in full; the text encoder (model.text_encoder_path, e.g. an
                       encoder-stage run's text_encoder/; unset: the base one) is frozen and is both the "original"
@@ -25,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoints import COMMON, REQUIRED, EncoderWeights, Weights
-from ..models.lora import LORA_WEIGHTS, UNET_WEIGHTS
-from .monitor import embedding_monitor
+from ..models.adapters import LORA_WEIGHTS, AdaptersDisabled
+from ..models.encoder_lora import LORA_DIR as ENCODER_LORA_DIR
+from ..models.lora import UNET_WEIGHTS
+from .monitor import embedding_monitor, weight_drift
 from ..rewards import freeze
 
 if TYPE_CHECKING:
@@ -40,13 +45,14 @@ LORA_DIR, UNET_DIR, ENCODER_DIR = "unet_lora", "unet", "text_encoder"
 
 LORA_FILES = (f"{LORA_DIR}/{LORA_WEIGHTS}",)
 FULL_UNET_FILES = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{UNET_WEIGHTS}")
+ENCODER_LORA_FILES = (f"{ENCODER_LORA_DIR}/{LORA_WEIGHTS}",)
 
 
 def checkpoint_files(cfg: TrainConfig) -> tuple[str, ...]:
     """Every file a checkpoint of this config's stage must hold besides the manifest (known before any model is
     built, so that a resume target is checked in milliseconds)."""
     if cfg.train.stage == "text_encoder":
-        return REQUIRED
+        return REQUIRED if cfg.encoder.method == "full" else (*ENCODER_LORA_FILES, *COMMON)
     return (*(LORA_FILES if cfg.unet.method == "lora" else FULL_UNET_FILES), *COMMON)
 
 
@@ -85,6 +91,15 @@ class Stage:
         return found
 
 
+def _cast_base_keep_adapters(model: nn.Module, cast: dict) -> None:
+    """Cast a LoRA-adapted model's frozen base as `cast` says and keep its adapters fp32 (diffusers'
+    cast_training_params). Adapters are created in the base layer's dtype, hence added while it is still fp32."""
+    model.to(**cast)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 class TextEncoderStage(Stage):
     name = "text encoder"
 
@@ -106,25 +121,61 @@ class TextEncoderStage(Stage):
         return {"text_encoder": final}
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
-        return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts)
+        return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts,
+                                 weight_drift(self.text_encoder, self.original_encoder))
 
     def evaluated(self) -> tuple[nn.Module | None, nn.Module]:
         return self.text_encoder, self.unet
 
 
-class AdaptersDisabled(nn.Module):
-    """The base UNet of a LoRA-adapted one, without a copy: calls run with the adapters switched off."""
+class _EncoderLoraWeights:
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self.files = ENCODER_LORA_FILES
 
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
+    def save(self, folder: Path) -> None:
+        from ..models.encoder_lora import save_encoder_lora
 
-    def forward(self, *args, **kwargs):
-        self.unet.disable_adapters()
-        try:
-            return self.unet(*args, **kwargs)
-        finally:
-            self.unet.enable_adapters()
+        save_encoder_lora(self.encoder, folder / ENCODER_LORA_DIR)  # fp32 adapters: the file is the exact state
+
+    def load(self, folder: Path) -> None:
+        from ..models.encoder_lora import load_encoder_lora_state
+
+        load_encoder_lora_state(self.encoder, folder / ENCODER_LORA_DIR)
+
+
+class EncoderLoraStage(TextEncoderStage):
+    """encoder.method = 'lora': adapters on the encoder train (fp32), its base weights stay frozen in the autocast
+    dtype, and the original encoder is the same module with the adapters switched off: no second copy."""
+
+    name = "text encoder (LoRA)"
+
+    def __init__(self, comp: SDComponents, device: torch.device, cast: dict, cfg: TrainConfig) -> None:
+        from ..models.encoder_lora import add_encoder_lora
+
+        e = cfg.encoder
+        self.unet = self.base_unet = freeze(comp.unet).to(device, **cast)
+        encoder = comp.text_encoder.to(device).float().train()
+        n = add_encoder_lora(encoder, e.rank, e.lora_alpha, e.target_modules, e.init)
+        _cast_base_keep_adapters(encoder, cast)
+        self.text_encoder = self.trainable = encoder
+        # A reward tower whose text transformer is the base encoder's runs this wrapper too (adapters off).
+        self.original_encoder = AdaptersDisabled(encoder)
+        self.weights = _EncoderLoraWeights(encoder)
+        logger.info("Text-encoder stage: LoRA rank %d, alpha %g on %s (%s parameters)", e.rank, e.lora_alpha,
+                    ", ".join(e.target_modules), f"{n:,}")
+
+    def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
+        final = output_dir / ENCODER_LORA_DIR
+        if write:
+            self.weights.save(output_dir)
+        return {"text_encoder": final}
+
+    def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
+        from ..models.adapters import lora_drift
+
+        return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts,
+                                 lora_drift(self.text_encoder))
 
 
 class _LoraWeights:
@@ -180,13 +231,8 @@ class UNetStage(Stage):
         if u.method == "lora":
             from ..models.lora import add_lora
 
-            # Adapters are created in the base layer's dtype, so they are added while it is fp32; the frozen base
-            # is then cast and the adapters kept fp32 (diffusers' cast_training_params).
             n = add_lora(unet, u.rank, u.lora_alpha, u.target_modules, u.init)
-            unet.to(**cast)
-            for p in unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            _cast_base_keep_adapters(unet, cast)
             self.base_unet = AdaptersDisabled(unet)
             self.weights: Weights = _LoraWeights(unet)
             logger.info("UNet stage: LoRA rank %d, alpha %g on %s (%s parameters)", u.rank, u.lora_alpha,
@@ -216,7 +262,7 @@ class UNetStage(Stage):
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
         if self.method == "lora":
-            from ..models.lora import lora_drift
+            from ..models.adapters import lora_drift
 
             return {"drift": lora_drift(self.unet)}
         return {}
@@ -228,6 +274,8 @@ class UNetStage(Stage):
 def build_stage(cfg: TrainConfig, comp: SDComponents, device: torch.device, cast: dict) -> Stage:
     """The stage `cfg.train.stage` names, built from loaded components (which it moves, casts and freezes)."""
     if cfg.train.stage == "text_encoder":
+        if cfg.encoder.method == "lora":
+            return EncoderLoraStage(comp, device, cast, cfg)
         return TextEncoderStage(comp, device, cast)
     if cfg.train.stage == "unet":
         return UNetStage(comp, device, cast, cfg)
