@@ -130,6 +130,16 @@ def test_deepspeed_zero2_trains_the_adapters_as_one_process_does(tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("step", [[], ["optim.step_in_backward=true"]], ids=["plain", "step_in_backward"])
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_adapters(tmp_path, step):
+    from tests.test_engine import NAN_REWARD
+
+    trainer = Trainer(cfg_for(tmp_path, f'rewards=[{{name="{NAN_REWARD}"}}]', *step))
+    before = _adapters(trainer)
+    assert trainer.train_step()["skipped"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, _adapters(trainer)))
+
+
 def test_8bit_adamw_trains_the_adapters(tmp_path):
     pytest.importorskip("bitsandbytes")
     trainer = Trainer(cfg_for(tmp_path, "optim.name=adamw8bit"))

@@ -130,6 +130,7 @@ def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOp
                    text_encoders: Sequence[str], weights: Sequence[float], unet: str | None = None) -> dict[str, Any]:
     """What a PNG records: enough to regenerate it alone (`--seed <seed>` with this one prompt)."""
     from ._version import __version__
+    from .models.encoder_lora import resolved_spec
 
     tuned_unet = {"unet": str(Path(unet).resolve())} if unet else {}  # only when given: older PNGs read the same
     return {
@@ -140,7 +141,7 @@ def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOp
         "switch_step": opts.switch_step,
         "timestep_spacing": opts.timestep_spacing,
         "weights": [float(w) for w in weights],
-        "text_encoders": [str(Path(p).resolve()) for p in text_encoders],
+        "text_encoders": [resolved_spec(str(p)) for p in text_encoders],  # a LoRA stack keeps its scales
         "model": str(Path(model.path).resolve()) if model.kind == "pretrained" else model.kind,
         # The "original" encoder is this one when model.text_encoder_path replaced the model's own.
         "original_text_encoder": str(Path(model.text_encoder_path).resolve()) if model.text_encoder_path else "",

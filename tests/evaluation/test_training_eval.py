@@ -24,8 +24,9 @@ def _weights(result) -> dict[str, torch.Tensor]:
     return load_file(str(result.text_encoder / "model.safetensors"))
 
 
-def test_eval_metrics_at_every_n_steps_and_the_last(tmp_path):
-    res = train(_cfg(tmp_path, "train.eval_every=3", "train.log_every=2"))
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_eval_metrics_at_every_n_steps_and_the_last(tmp_path, method):
+    res = train(_cfg(tmp_path, "train.eval_every=3", "train.log_every=2", f"encoder.method={method}"))
     logged = {h["step"]: h for h in res.history}
     assert sorted(logged) == [2, 3, 4]  # log_every 2, plus the evaluation at step 3 and the last step
     assert "eval/reward" not in logged[2]
@@ -34,10 +35,12 @@ def test_eval_metrics_at_every_n_steps_and_the_last(tmp_path):
     assert logged[3]["eval/reward"] != logged[4]["eval/reward"]  # the encoder moved between them
 
 
-def test_an_unchanged_encoder_evaluates_to_exact_zero_differences(tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_an_unchanged_encoder_evaluates_to_exact_zero_differences(tmp_path, method):
     from textcraftor_fast.training.trainer import Trainer
 
-    trainer = Trainer(_cfg(tmp_path, "train.eval_every=2"))
+    # LoRA: the up matrices start at zero, so the adapted encoder is the original until the first step.
+    trainer = Trainer(_cfg(tmp_path, "train.eval_every=2", f"encoder.method={method}"))
     try:
         metrics, grid = trainer.evaluator(trainer.text_encoder)  # before any step: the original's weights
     finally:

@@ -13,7 +13,7 @@ from textcraftor_fast.models import build_tiny_random
 from textcraftor_fast.models.adapters import AdaptersDisabled
 from textcraftor_fast.models.encoder_lora import (add_encoder_lora, encoder_lora_state, load_encoder_lora_state,
                                                   merged_encoder, parse_lora_stack, read_encoder_lora,
-                                                  save_encoder_lora, stack_loras)
+                                                  resolved_spec, save_encoder_lora, stack_loras)
 
 IDS = torch.tensor([[49406, 5, 17, 3, 49407] + [49407] * 72, [49406, 9, 49407] + [49407] * 74])
 
@@ -117,7 +117,7 @@ def test_saved_lora_loads_back_bit_for_bit_and_reads_as_diffusers_keys(base, tmp
         load_encoder_lora_state(adapted(base, 5, rank=2), tmp_path)
 
 
-def test_stacks_and_scales_add_the_updates_in_weight_space(base, tmp_path, adapted):
+def test_stacks_and_scales_add_the_updates_in_weight_space(base, tmp_path, adapted, monkeypatch):
     a, b = adapted(base, 6), adapted(base, 7, rank=2, alpha=2.0, targets=("q_proj", "v_proj"))
     save_encoder_lora(a, tmp_path / "a")
     save_encoder_lora(b, tmp_path / "b")
@@ -133,6 +133,11 @@ def test_stacks_and_scales_add_the_updates_in_weight_space(base, tmp_path, adapt
     assert parse_lora_stack(f"{tmp_path / 'a'}:0.7+{tmp_path / 'b'}:-0.5") == [(str(tmp_path / "a"), 0.7),
                                                                             (str(tmp_path / "b"), -0.5)]
     assert parse_lora_stack(str(tmp_path / "a")) == [(str(tmp_path / "a"), 1.0)]
+    # What a generated image records: every path absolute, every scale kept (run from tmp_path: relative paths).
+    monkeypatch.chdir(tmp_path)
+    assert resolved_spec("a:0.7+b") == f"{tmp_path / 'a'}:0.7+{tmp_path / 'b'}:1"
+    with pytest.raises(FileNotFoundError, match="'c' does not exist"):
+        parse_lora_stack("a+c:0.5")
 
 
 def test_a_full_encoder_is_not_a_lora_and_cannot_be_scaled(base, tmp_path):

@@ -12,7 +12,7 @@ get_peft_model_state_dict(text_encoder))` through `save_lora_weights(text_encode
 `text_encoder.text_model.<module>.lora_linear_layer.down/up.weight`, the LoraConfig as metadata. transformers 5's
 CLIPTextModel has no `text_model.` level; diffusers strips it when loading into such a model, and older
 transformers need it, so the file keeps it (as save_text_encoder_folder keeps it for full weights). A UNet LoRA can
-share the file (`unet.*` keys): `save_encoder_lora(..., unet=...)` writes both as diffusers does.
+share the file (`unet.*` keys): `save_encoder_lora(..., **lora.unet_lora_parts(unet))` writes both as diffusers does.
 
 Stacking is linear in weight space, as diffusers' `set_adapters([a, b], [wa, wb])` computes it: every adapted
 linear layer applies W x + sum_i w_i (alpha_i / r_i) B_i A_i x. Merging folds that sum into W once, so a stacked
@@ -263,6 +263,9 @@ def parse_lora_stack(spec: str) -> list[tuple[str, float]] | None:
             except ValueError:
                 pass
         if find_encoder_lora(Path(path)) is None:
+            if (len(parts) > 1 or path != spec) and not Path(path).exists():
+                raise FileNotFoundError(f"'{spec}': '{path}' does not exist (expected a text-encoder LoRA folder or "
+                                        "a run holding text_encoder_lora/)")
             if len(parts) > 1 or path != spec:
                 raise ValueError(f"'{spec}': '{path}' is not a text-encoder LoRA; scales and '+' stacking apply to "
                                  f"LoRA folders (mix full encoders with weights instead)")
@@ -295,3 +298,11 @@ def read_lora_for_export(spec: str) -> EncoderLora:
         return lora
     state = {k: v * scale if k.endswith(_UP) else v for k, v in lora.state.items()}
     return EncoderLora(state, lora.metadata, lora.path)
+
+
+def resolved_spec(spec: str) -> str:
+    """`spec` with every path made absolute (what an image's settings record): 'a:0.5+b' -> '/abs/a:0.5+/abs/b:1'."""
+    stack = parse_lora_stack(spec)
+    if stack is None:
+        return str(Path(spec).resolve())
+    return "+".join(f"{Path(path).resolve()}:{scale:g}" for path, scale in stack)

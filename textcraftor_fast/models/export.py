@@ -36,9 +36,8 @@ from .components import SDComponents
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
 
-    from .encoder_lora import EncoderLora
-
     from ..config import TrainConfig
+    from .encoder_lora import EncoderLora
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +208,8 @@ def save_unet_folder(unet: torch.nn.Module, folder: str | Path, dtype: torch.dty
     return Path(folder)
 
 
-def _save_loras(text_encoder, unet: torch.nn.Module | None, out_path: Path, dtype: torch.dtype | None) -> Path:
+def _save_loras(text_encoder: torch.nn.Module | EncoderLora | None, unet: torch.nn.Module | None, out_path: Path,
+                dtype: torch.dtype | None) -> Path:
     """Layout 'lora': the encoder's and/or the UNet's adapters in one diffusers LoRA file."""
     from .encoder_lora import EncoderLora, has_encoder_lora, save_encoder_lora
     from .lora import has_lora, save_lora, unet_lora_parts
@@ -282,9 +282,10 @@ def export(config: TrainConfig, out: str | Path, text_encoder: str | Path | None
     """Export a tuned text encoder and/or UNet of the model `config.model` names, in `layout` (the module docstring
     says what each layout holds and what loads it); returns the written path.
 
-    `text_encoder`: a text_encoder folder, a run or checkpoint folder holding one, or a .safetensors file; `unet`: a
-    UNet-stage result (a LoRA folder, a UNet folder, or a run/checkpoint folder holding unet_lora/ or unet/), merged
-    into the weights for every layout but 'lora'. The layout is checked, and `out` refused when it is the base
+    `text_encoder`: a text_encoder folder, a run or checkpoint folder holding one, a .safetensors file, or an encoder
+    LoRA ('PATH[:SCALE]', '+'-stacked: merged into the base encoder for every layout but 'lora', which writes one LoRA
+    again); `unet`: a UNet-stage result (a LoRA folder, a UNet folder, or a run/checkpoint folder holding unet_lora/
+    or unet/), merged into the weights for every layout but 'lora'. The layout is checked, and `out` refused when it is the base
     model's own folder, before the base model loads."""
     from .loading import load_components
     from .loading import load_text_encoder

@@ -175,7 +175,8 @@ def arm_report(comp, judge, rewards, name, cfg, out_dir, base, prompts, seeds) -
            "eval_seconds": time.time() - t0, "steps": result.steps, "emb_cos_after": float(after["emb_cos"]),
            "drift": weight_drift(tuned, comp.text_encoder), "history": result.history,
            "config": {"grad_steps": arm_cfg.sampler.grad_steps, "train_uncond": arm_cfg.sampler.train_uncond,
-                      "lr": arm_cfg.optim.lr, "steps": arm_cfg.train.steps, "batch_size": arm_cfg.train.batch_size}}
+                      "lr": arm_cfg.optim.lr, "steps": arm_cfg.train.steps, "batch_size": arm_cfg.train.batch_size,
+                      "encoder": dataclasses.asdict(arm_cfg.encoder)}}
     logger.info("%s: trained %d steps in %.0f s; %s", name, result.steps, seconds, res["verdict"])
     return res, arm_cfg, tuned
 
