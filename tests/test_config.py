@@ -120,3 +120,29 @@ def test_checkpoint_choices_name_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError, match=r"'sampler\.checkpoint_unet_blocks': expected false when "
                                           r"sampler\.checkpoint='none'"):
         load_config(None, TINY + ["sampler.checkpoint=none", "sampler.checkpoint_unet_blocks=true"])
+
+
+def _float_keys(cls=TrainConfig, prefix=""):
+    """Every config key whose type admits a float, found by walking the dataclass tree (list sections: item 0)."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        args = typing.get_args(tp)
+        inner = args[0] if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]) else tp
+        if dataclasses.is_dataclass(inner):
+            yield from _float_keys(inner, f"{key}.0." if inner is not tp else f"{key}.")
+        elif tp is float or float in args:
+            yield key, (typing.get_origin(tp) is tuple and args.count(float) == len(args))
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_every_float_key_refuses_a_non_finite_value(bad):
+    keys = list(_float_keys())
+    assert len(keys) >= 12 and ("sampler.guidance_scale", False) in keys and ("optim.betas", True) in keys
+    for key, is_pair in keys:
+        value = f"[0.9, {bad}]" if is_pair else bad
+        with pytest.raises(ConfigError, match=f"config key '{key}(.1)?': expected a finite number, got {bad}"):
+            load_config("configs/tiny_random.toml", [f"{key}={value}"])

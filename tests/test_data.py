@@ -40,6 +40,8 @@ def test_empty_and_missing_sources_are_clear(tmp_path):
         load_prompts(str(f))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prompts(str(tmp_path / "missing.txt"))
+    with pytest.raises(IsADirectoryError, match="is a folder; data.path must be one .txt/.jsonl/.csv/.parquet file"):
+        load_prompts(str(tmp_path))
     with pytest.raises(ValueError, match="unsupported extension"):
         (tmp_path / "p.xml").write_text("x")
         load_prompts(str(tmp_path / "p.xml"))

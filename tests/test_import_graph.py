@@ -70,7 +70,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # Lowest first. A module may import its own layer and the layers below, never one above. `tiny` is no layer: the
 # demo world may import anything, and nothing outside it may import it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "registry", "config"),  # names and settings
+    ("_version", "registry", "config", "atomic"),  # names, settings, replacing files in one step
     ("data", "memory", "memory.saved_bytes", "memory.host_heap", "memory.layers", "ops", "parallel",
      "reporting"),  # mechanisms
     ("models", "rewards", "sampler"),  # the models of a step and the differentiable sampler

@@ -111,6 +111,9 @@ def read_prompts(source: str, field: str = "prompt", on_bad_line: str = "error",
     registered = registered_prompt_file(source, purpose)
     if registered is not None:
         path, field = registered, "prompt"
+    if path.is_dir():
+        raise IsADirectoryError(f"prompt source '{source}' is a folder; data.path must be one .txt/.jsonl/.csv/"
+                                f".parquet file in it, or one of {', '.join(PROMPT_SETS.names())}")
     if not path.is_file():
         raise FileNotFoundError(f"prompt source '{source}' does not exist; data.path must be a .txt/.jsonl/.csv/"
                                 f".parquet file or one of {', '.join(PROMPT_SETS.names())}")

@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,31 @@ def test_a_missing_file_makes_the_checkpoint_incomplete(tmp_path):
         ck.load_checkpoint(newest, _tiny_encoder(), None)
 
 
+@pytest.mark.parametrize("entry", ["../../../outside.txt", "ABSOLUTE", "text_encoder/../../../outside.txt",
+                                   "LINK", "./rng.json"])
+def test_a_manifest_naming_a_file_outside_the_folder_is_refused_before_reading_it(tmp_path, entry, monkeypatch):
+    path = _save(tmp_path / "run", 1)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not a checkpoint file\n")
+    if entry == "ABSOLUTE":
+        entry = str(outside)
+    if entry == "LINK":
+        (path / "link.txt").symlink_to(outside)
+        entry = "link.txt"
+    manifest = json.loads((path / "manifest.json").read_text())
+    # The right size and sha256: only where the entry points can give it away.
+    manifest["files"][entry] = {"size": outside.stat().st_size,
+                                "sha256": hashlib.sha256(outside.read_bytes()).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    hashed = []
+    monkeypatch.setattr(ck, "_sha256", lambda p: hashed.append(p) or "0" * 64)
+    problem = ck.verify_checkpoint(path)
+    assert problem is not None and repr(entry) in problem and "checkpoint folder" in problem, problem
+    assert hashed == []  # refused before any file was read
+    with pytest.raises(ck.CheckpointError, match="not intact"):
+        ck.resolve_checkpoint(str(path), tmp_path / "run")
+
+
 def test_a_failed_save_leaves_earlier_checkpoints_untouched(tmp_path, monkeypatch):
     first = _save(tmp_path, 1)
     before = _hashes(first)
@@ -134,7 +160,7 @@ def test_a_resave_that_fails_at_the_rename_keeps_the_previous_version(tmp_path, 
     real = ck.os.replace
 
     def failing(src, dst):
-        if str(src).endswith(f"-{ck.os.getpid()}") and ".tmp-step-" in str(src):
+        if f".tmp-{ck.os.getpid()}-step-" in str(src):
             raise OSError(5, "Input/output error")
         return real(src, dst)
 
@@ -158,3 +184,31 @@ def test_resume_latest_skips_a_corrupt_newest_and_continues(tmp_path, caplog):
     assert "skipping" in caplog.text and "step-000002" in caplog.text
     assert result.steps == 3 and [m["step"] for m in result.history] == [1, 2, 3]
     assert ck.verify_checkpoint(result.checkpoint) is None
+
+
+def test_a_disk_full_final_export_keeps_the_checkpoint_and_the_earlier_export(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from textcraftor_fast import cli
+    from textcraftor_fast.models import export as export_module
+
+    args = ["train", "--config", "configs/tiny_random.toml", "--set", f'output.dir="{tmp_path}"', "--set",
+            "sampler.num_steps=2", "--set", "sampler.grad_steps=1", "--set", "train.batch_size=1", "--set",
+            "data.max_prompts=4", "--set", "train.progress_bar=false", "--set", "train.checkpointing_steps=1"]
+    assert cli.main([*args, "--set", "train.steps=1"]) == 0
+    earlier = _hashes(tmp_path / "text_encoder")
+    real = export_module.save_text_encoder_folder
+
+    def fills_the_disk(model, folder, dtype=None):
+        real(model, folder, dtype)  # the whole folder is written, then the disk is full (as at a last fsync)
+        if "checkpoints" not in Path(folder).parts:  # the checkpoint fits; the final export does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_text_encoder_folder", fills_the_disk)
+    capsys.readouterr()
+    assert cli.main([*args, "--set", "train.steps=2", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "step-000002' is intact" in err, err
+    assert _hashes(tmp_path / "text_encoder") == earlier  # the earlier export, byte for byte
+    assert ck.verify_checkpoint(tmp_path / "checkpoints" / "step-000002") is None
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written export left

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -60,6 +61,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(e)
+        finite = [e for e in errors if "finite" in str(e)]
+        if finite:
+            raise finite[0]  # the float branch's "expected a finite number" says more than the union's name
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -80,6 +84,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -88,6 +96,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML reads inf and nan as floats; no setting means either (guidance_scale = inf trains NaN steps).
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

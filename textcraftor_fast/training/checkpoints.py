@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from ..atomic import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -138,6 +140,18 @@ def _write_manifest(folder: Path) -> None:
         _fsync(d)
 
 
+def _outside(folder: Path, rel: object) -> str | None:
+    """Why the manifest entry `rel` does not name a file inside `folder` (None when it does): an absolute path, a
+    '..' component, or a link anywhere on the way that leads out of the folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or \
+            any(part in ("", ".", "..") for part in rel.split("/")):
+        return f"{MANIFEST} names {rel!r}, which is not a relative path inside the checkpoint folder"
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(folder.resolve()) or (folder / rel).is_symlink():
+        return f"{MANIFEST} names {rel!r}, which is a link or leads outside the checkpoint folder"
+    return None
+
+
 def verify_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED) -> str | None:
     """None if `path` is a complete checkpoint (holding every file of `required`) whose files match its manifest,
     else what is wrong."""
@@ -152,6 +166,17 @@ def verify_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED) -> str |
         if rel not in entries:
             return f"{MANIFEST} does not list {rel}" + ("" if rel in COMMON else " (a checkpoint of another "
                                                        "train.stage, unet.method or encoder.method?)")
+    if not isinstance(entries, dict):
+        return f"{MANIFEST} is unreadable (its files are not a mapping)"
+    # Every entry is checked to name a plain file inside the folder before any file is read: a manifest could
+    # otherwise point the sha256 pass (and the loaders after it) at any file on the machine.
+    for rel, meta in entries.items():
+        problem = _outside(path, rel)
+        if problem is None and not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
+                                    and isinstance(meta.get("sha256"), str)):
+            problem = f"{MANIFEST} entry {rel!r} has no integer size and sha256 string"
+        if problem is not None:
+            return problem
     for rel, meta in entries.items():
         f = path / rel
         if not f.is_file():
@@ -218,33 +243,17 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module | 
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    # Written beside its place and renamed into it: disk full keeps the earlier checkpoints as they were, and a
+    # re-saved step keeps its previous version until the new one is in place (put back if the rename fails).
+    with replaced_atomically(final) as tmp:
+        tmp.mkdir()
         weights.save(tmp)
         torch.save(optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict(), tmp / "optimizer.pt")
         _save_rng(tmp, rng)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         (tmp / "config.toml").write_text(config_toml)
         _write_manifest(tmp)  # last: a folder with a valid manifest is complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: the earlier checkpoints stay as they were
-        raise
-    old = root / f".old-step-{step:06d}-{os.getpid()}"
-    had_old = final.exists()
-    if had_old:  # re-saving a step: keep the old one until the new one is in place
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if had_old:
-            os.replace(old, final)  # put the previous version back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _fsync(root)
-    shutil.rmtree(old, ignore_errors=True)
     logger.info("Saved checkpoint %s", final)
     if keep is not None:
         for stale in list_checkpoints(output_dir)[:-keep]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
+from ..atomic import replaced_atomically
 from .checkpoints import COMMON, REQUIRED, EncoderWeights, Weights
 from ..models.adapters import LORA_WEIGHTS, AdaptersDisabled
 from ..models.encoder_lora import LORA_DIR as ENCODER_LORA_DIR
@@ -70,7 +71,8 @@ class Stage:
     weights: Weights
 
     def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
-        """What the run leaves in `output_dir` ({'text_encoder': ..., 'unet': ...}); files only when `write`."""
+        """What the run leaves in `output_dir` ({'text_encoder': ..., 'unet': ...}); files only when `write`, each
+        folder replaced in one rename (a failed write leaves an earlier export as it was)."""
         raise NotImplementedError
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
@@ -117,7 +119,8 @@ class TextEncoderStage(Stage):
         if write:
             from ..models import export_text_encoder
 
-            export_text_encoder(self.text_encoder, final, layout="diffusers")
+            with replaced_atomically(final) as tmp:
+                export_text_encoder(self.text_encoder, tmp, layout="diffusers")
         return {"text_encoder": final}
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
@@ -134,9 +137,12 @@ class _EncoderLoraWeights:
         self.files = ENCODER_LORA_FILES
 
     def save(self, folder: Path) -> None:
+        self.write(folder / ENCODER_LORA_DIR)
+
+    def write(self, path: Path) -> None:
         from ..models.encoder_lora import save_encoder_lora
 
-        save_encoder_lora(self.encoder, folder / ENCODER_LORA_DIR)  # fp32 adapters: the file is the exact state
+        save_encoder_lora(self.encoder, path)  # fp32 adapters: the file is the exact state
 
     def load(self, folder: Path) -> None:
         from ..models.encoder_lora import load_encoder_lora_state
@@ -168,7 +174,8 @@ class EncoderLoraStage(TextEncoderStage):
     def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
         final = output_dir / ENCODER_LORA_DIR
         if write:
-            self.weights.save(output_dir)
+            with replaced_atomically(final) as tmp:
+                self.weights.write(tmp)
         return {"text_encoder": final}
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
@@ -184,9 +191,12 @@ class _LoraWeights:
         self.files = LORA_FILES
 
     def save(self, folder: Path) -> None:
+        self.write(folder / LORA_DIR)
+
+    def write(self, path: Path) -> None:
         from ..models.lora import save_lora
 
-        save_lora(self.unet, folder / LORA_DIR)  # fp32 adapters: the diffusers file is the exact state
+        save_lora(self.unet, path)  # fp32 adapters: the diffusers file is the exact state
 
     def load(self, folder: Path) -> None:
         from ..models.lora import load_lora_state
@@ -200,7 +210,10 @@ class _FullUNetWeights:
         self.files = FULL_UNET_FILES
 
     def save(self, folder: Path) -> None:
-        self.unet.save_pretrained(folder / UNET_DIR)
+        self.write(folder / UNET_DIR)
+
+    def write(self, path: Path) -> None:
+        self.unet.save_pretrained(path)
 
     def load(self, folder: Path) -> None:
         from ..models.loading import check_keys, load_safetensors
@@ -253,11 +266,13 @@ class UNetStage(Stage):
         if self.keep_encoder:
             out["text_encoder"] = output_dir / ENCODER_DIR
         if write:
-            self.weights.save(output_dir)
+            with replaced_atomically(out["unet"]) as tmp:
+                self.weights.write(tmp)
             if self.keep_encoder:
                 from ..models import export_text_encoder
 
-                export_text_encoder(self.text_encoder, out["text_encoder"], layout="diffusers")
+                with replaced_atomically(out["text_encoder"]) as tmp:
+                    export_text_encoder(self.text_encoder, tmp, layout="diffusers")
         return out
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:

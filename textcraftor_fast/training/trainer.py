@@ -349,7 +349,13 @@ class Trainer:
             bar.close()
             if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
                 last_ckpt = self.save()
-            final = self.stage.export(self.output_dir, write=self.dist.is_main)
+            try:
+                final = self.stage.export(self.output_dir, write=self.dist.is_main)
+            except OSError as e:  # e.g. disk full: say what is safe and how to finish
+                raise OSError(e.errno, f"writing the run's final weights into '{self.output_dir}' failed "
+                              f"({e.strerror or e}); the last checkpoint '{last_ckpt}' is intact and any earlier "
+                              "export there is as it was: free space, then `textcraftor-fast export` that "
+                              "checkpoint, or run again with --resume latest") from e
         samples = (self.step - first_step) * cfg.batch_size * cfg.gradient_accumulation_steps * self.dist.world_size
         summary = self.log.summary(self.step, first_step, samples, time.perf_counter() - t_start, self.device)
         return TrainResult(last_ckpt, final.get("text_encoder"), self.output_dir, self.step, list(self.log.history),
