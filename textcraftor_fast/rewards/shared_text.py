@@ -110,12 +110,12 @@ def share_text_transformers(encoder: nn.Module, rewards: nn.Module) -> dict[str,
     the copy it dropped}."""
     # transformers 5's CLIPTextModel is the transformer itself; 4.x wrapped it as `.text_model`.
     text = getattr(encoder, "text_model", encoder)
+    model, params, buffers = _base_tensors(text)
     shared: dict[str, int] = {}
     for name, tower in rewards.named_modules():
         if not isinstance(tower, ClipTower) or not tower.has_text or tower.model.text_model is text:
             continue
         own = tower.model.text_model
-        model, params, buffers = _base_tensors(text)
         if not _same_architecture(own, model):
             continue
         reader = SafetensorsReader(tower.weight_files)

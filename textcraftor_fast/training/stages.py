@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from ..atomic import replaced_atomically
 from .checkpoints import COMMON, REQUIRED, EncoderWeights, Weights
 from ..models.adapters import LORA_WEIGHTS, AdaptersDisabled
-from ..models.encoder_lora import LORA_DIR as ENCODER_LORA_DIR
-from ..models.lora import UNET_WEIGHTS
+from ..models.encoder_lora import LORA_DIR as ENCODER_LORA_DIR, load_encoder_lora_state, save_encoder_lora
+from ..models.lora import UNET_WEIGHTS, load_lora_state, save_lora
 from .monitor import embedding_monitor, weight_drift
 from ..rewards import freeze
 
@@ -102,6 +102,24 @@ def _cast_base_keep_adapters(model: nn.Module, cast: dict) -> None:
             p.data = p.data.float()
 
 
+class _LoraWeights:
+    """A LoRA-adapted model's checkpoint weights: its adapters as one diffusers LoRA file in `<folder>/<name>/`,
+    fp32, so the file is the exact state; `save_fn`/`load_fn` are the model's LoRA writer and strict reader."""
+
+    def __init__(self, model: nn.Module, name: str, save_fn: Callable, load_fn: Callable) -> None:
+        self.model, self.name, self._save_fn, self._load_fn = model, name, save_fn, load_fn
+        self.files = (f"{name}/{LORA_WEIGHTS}",)
+
+    def save(self, folder: Path) -> None:
+        self.write(folder / self.name)
+
+    def write(self, path: Path) -> None:
+        self._save_fn(self.model, path)
+
+    def load(self, folder: Path) -> None:
+        self._load_fn(self.model, folder / self.name)
+
+
 class TextEncoderStage(Stage):
     name = "text encoder"
 
@@ -131,25 +149,6 @@ class TextEncoderStage(Stage):
         return self.text_encoder, self.unet
 
 
-class _EncoderLoraWeights:
-    def __init__(self, encoder: nn.Module) -> None:
-        self.encoder = encoder
-        self.files = ENCODER_LORA_FILES
-
-    def save(self, folder: Path) -> None:
-        self.write(folder / ENCODER_LORA_DIR)
-
-    def write(self, path: Path) -> None:
-        from ..models.encoder_lora import save_encoder_lora
-
-        save_encoder_lora(self.encoder, path)  # fp32 adapters: the file is the exact state
-
-    def load(self, folder: Path) -> None:
-        from ..models.encoder_lora import load_encoder_lora_state
-
-        load_encoder_lora_state(self.encoder, folder / ENCODER_LORA_DIR)
-
-
 class EncoderLoraStage(TextEncoderStage):
     """encoder.method = 'lora': adapters on the encoder train (fp32), its base weights stay frozen in the autocast
     dtype, and the original encoder is the same module with the adapters switched off: no second copy."""
@@ -167,7 +166,7 @@ class EncoderLoraStage(TextEncoderStage):
         self.text_encoder = self.trainable = encoder
         # A reward tower whose text transformer is the base encoder's runs this wrapper too (adapters off).
         self.original_encoder = AdaptersDisabled(encoder)
-        self.weights = _EncoderLoraWeights(encoder)
+        self.weights = _LoraWeights(encoder, ENCODER_LORA_DIR, save_encoder_lora, load_encoder_lora_state)
         logger.info("Text-encoder stage: LoRA rank %d, alpha %g on %s (%s parameters)", e.rank, e.lora_alpha,
                     ", ".join(e.target_modules), f"{n:,}")
 
@@ -183,25 +182,6 @@ class EncoderLoraStage(TextEncoderStage):
 
         return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts,
                                  lora_drift(self.text_encoder))
-
-
-class _LoraWeights:
-    def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
-        self.files = LORA_FILES
-
-    def save(self, folder: Path) -> None:
-        self.write(folder / LORA_DIR)
-
-    def write(self, path: Path) -> None:
-        from ..models.lora import save_lora
-
-        save_lora(self.unet, path)  # fp32 adapters: the diffusers file is the exact state
-
-    def load(self, folder: Path) -> None:
-        from ..models.lora import load_lora_state
-
-        load_lora_state(self.unet, folder / LORA_DIR)
 
 
 class _FullUNetWeights:
@@ -247,7 +227,7 @@ class UNetStage(Stage):
             n = add_lora(unet, u.rank, u.lora_alpha, u.target_modules, u.init)
             _cast_base_keep_adapters(unet, cast)
             self.base_unet = AdaptersDisabled(unet)
-            self.weights: Weights = _LoraWeights(unet)
+            self.weights: Weights = _LoraWeights(unet, LORA_DIR, save_lora, load_lora_state)
             logger.info("UNet stage: LoRA rank %d, alpha %g on %s (%s parameters)", u.rank, u.lora_alpha,
                         ", ".join(u.target_modules), f"{n:,}")
         else:
