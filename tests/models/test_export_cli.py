@@ -106,3 +106,49 @@ def test_exporting_over_the_base_model_is_refused(tuned_dir, tmp_path, capsys):
                      "--text-encoder", str(tuned_dir), "--layout", "pipeline", "--out", str(base)]) == 2
     assert "is the base model" in capsys.readouterr().err
     assert (base / "text_encoder" / "model.safetensors").read_bytes() == before
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout,name", [("diffusers", "te"), ("pipeline", "pipe"), ("single_file", "te.safetensors")])
+def test_a_disk_full_export_gives_one_error_and_keeps_the_earlier_export(tuned_dir, tmp_path, monkeypatch, capsys,
+                                                                           layout, name):
+    import errno
+
+    from safetensors import torch as safetensors_torch
+
+    out = tmp_path / name
+    assert _export(tuned_dir, out, "--layout", layout) == 0
+    earlier = _hashes(out) if out.is_dir() else out.read_bytes()
+    real = safetensors_torch.save_file
+    calls = []
+
+    def fills_the_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        real(tensors, filename, metadata=metadata)  # the file is written, then the disk is full (as at an fsync)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", fills_the_disk)
+    capsys.readouterr()
+    assert _export(tuned_dir, out, "--layout", layout, "--dtype", "fp16") == 2
+    err = capsys.readouterr().err
+    assert calls, "the fault was never injected: the export writes through another function"
+    assert err.count("\n") == 1 and "No space left on device" in err and "the earlier export is unchanged" in err, err
+    assert (_hashes(out) if out.is_dir() else out.read_bytes()) == earlier  # byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left beside it
+
+
+def test_an_export_into_a_folder_holding_other_files_is_refused_and_deletes_nothing(tuned_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert _export(tuned_dir, out, "--layout", "diffusers") == 2
+    err = capsys.readouterr().err
+    assert "holds files this export does not write (notes.txt)" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from ..atomic import replaced_atomically
 from . import keymap
 from .tensors import to_saveable
 from .components import SDComponents
@@ -241,6 +242,47 @@ def export_tuned(base: SDComponents, text_encoder: CLIPTextModel | EncoderLora |
     """
     check_layout(layout, full, text_encoder is not None, unet is not None)
     out_path = Path(out_path)
+    _require_name_fits(out_path, layout, full, unet is not None)
+    try:
+        # Written beside `out_path` and renamed in: a failure (disk full, Ctrl-C) leaves no half-written export and
+        # keeps an earlier export at `out_path` as it was.
+        with replaced_atomically(out_path) as tmp:
+            _write_export(base, text_encoder, tmp, layout, full, dtype, timestep_spacing, unet)
+            _check_replaceable(out_path, tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"writing the export to '{out_path}' failed ({e.strerror or e}); nothing was written "
+                      f"there{' and the earlier export is unchanged' if out_path.exists() else ''}: free space or "
+                      "choose another place, then export again") from e
+    logger.info("Wrote the export (layout '%s'%s) to %s", layout, ", full" if full else "", out_path)
+    return out_path
+
+
+def _check_replaceable(out_path: Path, written: Path) -> None:
+    """An existing `out_path` is replaced whole, so it may hold only what the new export holds (an earlier export of
+    the same kind): a ValueError, before anything is replaced, for a folder with other files in it."""
+    if not out_path.exists():
+        return
+    if out_path.is_dir() != written.is_dir():
+        raise ValueError(f"'{out_path}' exists and is a {'folder' if out_path.is_dir() else 'file'}; this export "
+                         f"writes a {'folder' if written.is_dir() else 'file'}: choose another output path")
+    if out_path.is_dir():
+        foreign = sorted({p.name for p in out_path.iterdir()} - {p.name for p in written.iterdir()})
+        if foreign:
+            raise ValueError(f"'{out_path}' exists and holds files this export does not write ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}), which replacing it would delete: export into "
+                             "a new or empty folder, or remove them first")
+
+
+def _require_name_fits(out_path: Path, layout: str, full: bool, has_unet: bool) -> None:
+    """The folder-or-file check on the user's own name (the writers see a temporary one beside it)."""
+    if layout == "pipeline" or (layout in ("diffusers", "lora") and not full):
+        _require_folder_name(out_path, layout)
+    elif layout == "single_file" and out_path.suffix != ".safetensors":
+        raise ValueError(f"output '{out_path}' must end in .safetensors for the single-file layout")
+
+
+def _write_export(base: SDComponents, text_encoder, out_path: Path, layout: Layout, full: bool,
+                  dtype: torch.dtype | None, timestep_spacing: str | None, unet: torch.nn.Module | None) -> Path:
     if layout == "lora":
         return _save_loras(text_encoder, unet, out_path, dtype)
     if text_encoder is not None:
