@@ -25,11 +25,13 @@ from textcraftor_fast.config import load_config
 from textcraftor_fast.tiny import data as D
 from textcraftor_fast.tiny.demo import SEEDS_PER_CAPTION, eval_captions, load_world, torch_threads
 from textcraftor_fast.tiny.evaluate import compare, eval_set, evaluate_encoder, format_read_as, pair_breakdown
+from textcraftor_fast.tiny.split import read_held_out
+from textcraftor_fast.tiny.world import WEIGHTS_DIR
 
 
 def main(sweep_dir: str, attribute: str = "shape", only: set[tuple[int, int]] | None = None) -> int:
     sweep = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    prompts, seeds = eval_set(eval_captions(sweep["split"]), sweep["seeds_per_caption"])
+    prompts, seeds = eval_set(eval_captions(sweep["split"], read_held_out(WEIGHTS_DIR)), sweep["seeds_per_caption"])
     pairs = list(dict.fromkeys(f"{c.colour} {c.shape}" for c in map(D.parse_caption, prompts)))
     print(f"{attribute.capitalize()} per held-out pair, {sweep['split']} split, {len(prompts)} samples per run; the "
           f"judge's reading {' / '.join(D.ATTRIBUTES[attribute])}, before -> after.\n")
@@ -80,8 +82,10 @@ def one_encoder(folder: str, threads: int) -> int:
     cfg = load_config("builtin:tiny")
     comp, judge, rewards = load_world(cfg)
     tuned = CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
-    for split, captions, per_caption in (("training captions", D.train_captions(), 9),
-                                         ("validation", D.validation_captions(), SEEDS_PER_CAPTION["validation"])):
+    held_out = read_held_out(WEIGHTS_DIR)
+    for split, captions, per_caption in (("training captions", held_out.train_captions(), 9),
+                                         ("validation", held_out.captions("validation"),
+                                          SEEDS_PER_CAPTION["validation"])):
         prompts, seeds = eval_set(captions, per_caption)
         with torch_threads(threads):
             base = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds)

@@ -58,14 +58,64 @@ def test_pair_breakdown_by_hand():
     assert got["blue circle"]["before"] == got["blue circle"]["after"] == 1.0
 
 
-def test_splits_are_disjoint_held_out_pairs():
-    test = {(c.colour, c.shape) for c in D.test_captions()}
-    val = {(c.colour, c.shape) for c in D.validation_captions()}
-    train = {(c.colour, c.shape) for c in D.train_captions()}
-    assert len(test) == 6 and len(val) == 6 and len(train) == 24
-    # two pairs of every shape in each split: a trade between shapes cannot pass for a gain on validation
-    assert sorted(s for _, s in test) == sorted(s for _, s in val) == sorted(D.SHAPES * 2)
-    assert not (test & val) and not (test & train) and not (val & train)
+def test_wilson_interval_by_hand():
+    from textcraftor_fast.tiny.evaluate import wilson_interval
+
+    # z = 1.96. 5 of 10: centre 0.5, half-width 1.96 sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    # 0 of 10: [0, z^2 / (n + z^2)] = [0, 3.8416 / 13.8416]; never the normal interval's zero width.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.72246, 1.0), abs=1e-5)
+    for n in range(1, 40):  # the ends hold the estimate exactly at 0 and n (an error bar cannot be negative)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+    # 88 of 108 (make demo's red circle before): centre (0.814815 + 0.017785) / 1.035570 = 0.804002, half-width
+    # 1.96 sqrt(0.150892 / 108 + 3.8416 / 46656) / 1.035570 = 0.072800.
+    assert wilson_interval(88, 108) == pytest.approx((0.731202, 0.876802), abs=2e-6)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        wilson_interval(11, 10)
+
+
+def _fake_report(pairs: list[str], per_pair: int) -> dict:
+    """A finished demo's report from made-up per-sample results (no model): `per_pair` samples of every pair,
+    the original encoder right on the first third of each pair's samples, the tuned one on the first two thirds."""
+    import torch
+
+    from textcraftor_fast.tiny.evaluate import compare, pair_breakdown, verdict
+
+    prompts = [f"a small {p} on black" for p in pairs for _ in range(per_pair)]
+    labels = torch.tensor([D.SHAPES.index(p.split()[1]) for p in pairs for _ in range(per_pair)])
+    k = torch.arange(len(prompts)) % per_pair
+
+    def result(right_below: int) -> dict:
+        right = k < right_below
+        pred = torch.where(right, labels, (labels + 1) % 3)
+        res = {"reward": right.double() * 0.5, "shape_pred": pred, "shape_correct": right.double()}
+        res.update({f"{a}_correct": torch.ones(len(prompts)) for a in D.ATTRIBUTES if a != "shape"})
+        return res
+
+    before, after = result(per_pair // 3), result(2 * per_pair // 3)
+    table = compare(before, after)
+    arm = {"table": table, "verdict": verdict(table, ["shape"]), "pairs": pair_breakdown(before, after, prompts),
+           "emb_cos_after": 0.5, "drift": 0.01, "train_seconds": 1.0,
+           "history": [{"step": i, "reward": 0.1 * i, "emb_cos": 0.5, "drift": 0.01 * i} for i in range(3)]}
+    return {"split": "test", "n_samples": len(prompts), "n_captions": len(pairs), "seeds_per_caption": per_pair,
+            "num_steps": 10, "guidance_scale": 5.0, "emb_cos_before": 0.5, "arms": {"tuned": arm}}
+
+
+def test_report_writes_the_per_pair_chart(tmp_path):
+    from PIL import Image
+
+    from textcraftor_fast.tiny.demo import write_report
+
+    pairs = ["green circle", "blue circle", "red square", "yellow square", "purple triangle"]
+    written = write_report(_fake_report(pairs, per_pair=9), tmp_path)
+    assert [p.name for p in written] == ["reward_curve.png", "pairs.png", "report.md", "report.json"]
+    chart = Image.open(tmp_path / "pairs.png")
+    assert chart.size[0] > 400 and chart.info["Description"] == "pairs: " + "; ".join(pairs)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [(p, e["n"], e["before"], e["after"]) for p, e in saved["arms"]["tuned"]["pairs"].items()] == [
+        (p, 9, 3 / 9, 6 / 9) for p in pairs]
+    assert "history" not in saved["arms"]["tuned"]
 
 
 def test_quick_demo_runs_from_outside_the_repository(tmp_path):
@@ -77,11 +127,11 @@ def test_quick_demo_runs_from_outside_the_repository(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the verdict is printed, flagged as a smoke test's
     assert "--quick: 3 fine-tuning steps and 36 samples" in proc.stdout
-    for name in ("grid.png", "reward_curve.png", "report.md", "report.json"):
+    for name in ("grid.png", "reward_curve.png", "pairs.png", "report.md", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "report.json").read_text())
     assert set(saved["arms"]) == {"tuned", "paper_recipe"} and saved["split"] == "test"
-    assert saved["n_samples"] == len(D.test_captions())
+    assert saved["n_samples"] == 36  # the shipped world's 36 test captions x 1 seed
     for arm in saved["arms"].values():
         _check_table(arm["table"])
         assert arm["steps"] == 3 and set(arm["verdict"]) >= {"passed", "target_improved", "others_held"}
@@ -102,7 +152,9 @@ def test_sweep_command_sets_threads_inside_each_run(tmp_path, capsys):
     sweep = json.loads((out / "sweep.json").read_text())
     # Each run trained at its own thread count (read inside the run, not from the environment).
     assert [(r["seed"], r["threads"], r["train_threads"]) for r in sweep["runs"]] == [(3, 1, 1), (3, 2, 2)]
-    assert sweep["split"] == "validation" and sweep["n_samples"] == len(D.validation_captions())
+    assert sweep["split"] == "validation" and sweep["n_samples"] == 36
+    assert sweep["held_out_pairs"] == ["purple circle", "navy circle", "orange square", "brown square",
+                                       "yellow triangle", "teal triangle"]
     passed = sum(r["verdict"]["passed"] for r in sweep["runs"])
     assert sweep["passed"] == passed and rc == (0 if passed == 2 else 1)
     table = (out / "sweep.md").read_text()

@@ -1,4 +1,4 @@
-"""The tiny world's pieces: captions and split, tokenizer, shipped weights, rewards (fast, CPU)."""
+"""The tiny world's pieces: captions, tokenizer, shipped weights, rewards (fast, CPU)."""
 from __future__ import annotations
 
 import random
@@ -10,29 +10,11 @@ from textcraftor_fast.tiny import data as D
 from textcraftor_fast.tiny.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 
-def test_captions_round_trip_and_split():
+def test_captions_round_trip():
     caps = D.all_captions()
-    assert len(caps) == 216 and len(D.held_out_captions()) == 72 and len(D.train_captions()) == 144
-    assert len(D.test_captions()) == 36 and len(D.validation_captions()) == 36
+    assert len(caps) == 216 and len(set(caps)) == 216
     for c in caps:
         assert D.parse_caption(c.text) == c
-    train_pairs = {(c.colour, c.shape) for c in D.train_captions()}
-    assert not train_pairs & D.HELD_OUT_PAIRS  # held-out pairs never appear in training captions
-    # every colour and every shape still appears in training
-    assert {c for c, _ in train_pairs} == set(D.COLOURS) and {s for _, s in train_pairs} == set(D.SHAPES)
-    # each colour held out once; each split two pairs of every shape, disjoint
-    assert sorted(c for c, _ in D.HELD_OUT_PAIRS) == sorted(D.COLOURS) and not D.TEST_PAIRS & D.VALIDATION_PAIRS
-    for split in (D.TEST_PAIRS, D.VALIDATION_PAIRS):
-        assert sorted(s for _, s in split) == sorted(D.SHAPES * 2)
-
-
-def test_shipped_prompt_files_are_the_splits():
-    from pathlib import Path
-
-    folder = Path(D.__file__).parent / "prompts"
-    for name, caps in (("train", D.train_captions()), ("test", D.test_captions()),
-                       ("validation", D.validation_captions())):
-        assert (folder / f"{name}.txt").read_text().splitlines() == [c.text for c in caps], name
 
 
 def test_parse_caption_errors_name_the_problem():

@@ -1,11 +1,14 @@
 """Pretrain the tiny world: VAE -> judge -> UNet + text encoder (jointly), then save a diffusers folder.
 
     python -m textcraftor_fast.tiny.build [--out textcraftor_fast/tiny/weights] [--unet-steps N]
+        [--held-out-seed N | --held-out-test PAIRS --held-out-validation PAIRS]
 
 Deterministic: every random draw flows from `--seed` through torch.Generator / random.Random, and the
 thread count is pinned (float reductions depend on it). Budget: 20-40 minutes on 2 CPU cores (world 4: 21 unloaded; world 5: 40 on a shared box).
 The output folder has SD's layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-plus judge/ (safetensors + config.json) and build_info.json (steps, losses, timings, base accuracies).
+plus judge/ (safetensors + config.json) and build_info.json (steps, losses, timings, base accuracies, and the
+held-out split under "held_out", which everything that evaluates the world reads). Without a --held-out-* flag
+the split is world 5's (WORLD5_HELD_OUT), so the plain command rebuilds the shipped world.
 """
 from __future__ import annotations
 
@@ -21,10 +24,16 @@ import torch.nn.functional as F
 
 from . import data as D
 from . import models as M
+from .split import HeldOut, draw_held_out, parse_pairs
 from .tokenizer import load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The shipped world's split: the build's default, so `python -m textcraftor_fast.tiny.build` rebuilds world 5. Only
+# the build reads it; evaluation reads a world's split from its build_info.json.
+WORLD5_HELD_OUT = HeldOut(
+    test=parse_pairs("red circle,cyan circle,green square,pink square,blue triangle,lime triangle"),
+    validation=parse_pairs("purple circle,navy circle,orange square,brown square,yellow triangle,teal triangle"))
 
 
 def _adamw(params, lr: float) -> torch.optim.AdamW:
@@ -235,7 +244,31 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    "--out/snapshots/<step> every N steps (experiments)")
     p.add_argument("--eval-seeds", type=int, default=9, help="seeds per held-out caption in the final check "
                                                              "(0 skips it)")
-    return p.parse_args(argv)
+    p.add_argument("--held-out-test", metavar="PAIRS", help="the test split's colour-shape pairs, comma-separated "
+                   "('red circle,cyan circle,...'); with --held-out-validation. Default: world 5's split")
+    p.add_argument("--held-out-validation", metavar="PAIRS", help="the validation split's pairs (as --held-out-test)")
+    p.add_argument("--held-out-seed", type=int, metavar="N", help="draw a fresh split from seed N by the rule "
+                   "(every colour held out once, two pairs of every shape per split) instead of giving the pairs")
+    args = p.parse_args(argv)
+    try:
+        args.held_out = held_out_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def held_out_from_args(args: argparse.Namespace) -> HeldOut:
+    """The split the --held-out-* flags name (checked against the rule); world 5's when none is given."""
+    pairs = (args.held_out_test, args.held_out_validation)
+    if args.held_out_seed is not None:
+        if any(pairs):
+            raise ValueError("--held-out-seed draws the split; drop --held-out-test/--held-out-validation, or the seed")
+        return draw_held_out(args.held_out_seed)
+    if any(pairs):
+        if not all(pairs):
+            raise ValueError("--held-out-test and --held-out-validation go together (a split needs both)")
+        return HeldOut(test=parse_pairs(args.held_out_test), validation=parse_pairs(args.held_out_validation))
+    return WORLD5_HELD_OUT
 
 
 def _stage_vae(args, out: Path, train_images):
@@ -278,11 +311,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    t0, info = time.time(), {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
+    held_out: HeldOut = args.held_out
+    t0 = time.time()
+    info = {"args": {k: str(v) for k, v in vars(args).items() if k != "held_out"}, "seconds": {},
+            "held_out": held_out.to_json()}
     tok = load_tokenizer(save_tokenizer(out / "tokenizer"))
     M.build_scheduler().save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
-    images, caps = D.make_dataset(D.train_captions(), args.n_images, args.seed)
+    logger.info("held out: test %s; validation %s", *held_out.to_json().values())
+    images, caps = D.make_dataset(held_out.train_captions(), args.n_images, args.seed)
     vae = _stage_vae(args, out, images)
     info["seconds"]["vae"] = time.time() - t0
     judge, info["judge_accuracy"] = _stage_judge(args, out, vae)
@@ -299,7 +336,7 @@ def main(argv=None) -> dict:
         from .evaluate import base_accuracy
 
         comp = SDComponents(unet, vae, te, tok, M.build_scheduler())
-        info["base_held_out"] = base_accuracy(comp, judge, seeds_per_caption=args.eval_seeds)
+        info["base_held_out"] = base_accuracy(comp, judge, held_out, seeds_per_caption=args.eval_seeds)
     info["seconds"]["total"] = time.time() - t0
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("built the tiny world in %.0f s -> %s\n%s", info["seconds"]["total"], out,

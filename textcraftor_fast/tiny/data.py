@@ -1,12 +1,10 @@
-"""The tiny world: 32x32 captioned images of one shape, drawn in code, with a held-out split.
+"""The tiny world: 32x32 captioned images of one shape, drawn in code.
 
 Caption grammar: "a {size} {colour} {shape} on {background}", e.g. "a small red circle on black".
-Attributes: colour (12) x shape (3) x size (2) x background (3) = 216 captions. Twelve colour-shape pairs
-(all their sizes and backgrounds: 72 captions) are HELD OUT: never used to pretrain the UNet / text
-encoder and never used to fine-tune. Six of them (36 captions, two pairs of every shape) are the TEST split,
-where the demo reports; the other six (36 captions, again two of every shape) are the VALIDATION split, where
-its design was chosen. The judge (a reward model of the world, not a generator) is trained on every
-combination, like a real reward model trained on its own data.
+Attributes: colour (12) x shape (3) x size (2) x background (3) = 216 captions. Which colour-shape pairs a world
+holds out (never used to pretrain its UNet / text encoder nor to fine-tune) is not fixed here: it is the world's
+data, given to its build and recorded in its build_info.json (split.py). The judge (a reward model of the world,
+not a generator) is trained on every combination, like a real reward model trained on its own data.
 
 Each image is drawn at 4x and box-downsampled (anti-aliased edges); position jitter and size jitter make
 the distribution continuous, so a 1M-parameter UNet cannot just memorise 216 pictures.
@@ -57,22 +55,6 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 # The attribute the world is designed to leave PARTLY right on held-out captions (the base model draws
 # the shapes of unseen colour-shape pairs less reliably); the demo's acceptance is judged on it.
 TARGET_ATTRIBUTES: tuple[str, ...] = ("shape",)
-# Colour-shape pairs never seen by the generator in pretraining or fine-tuning, in two disjoint splits:
-# TEST (where reported results are measured, once per run) and VALIDATION (where every design choice of
-# the demo is made). Each colour is held out exactly once and each shape four times, so every shape is still
-# learned from eight colours and every colour from two shapes; each split holds TWO pairs of every shape.
-# World 3 put both held-out squares in test and none in validation (a drift away from squares passed
-# there); world 4 held one pair of every shape per split, and one test pair's size loss decided every
-# verdict while validation's three pairs never showed it. Six pairs per split make validation more like test.
-TEST_PAIRS: frozenset[tuple[str, str]] = frozenset({
-    ("red", "circle"), ("cyan", "circle"), ("green", "square"), ("pink", "square"),
-    ("blue", "triangle"), ("lime", "triangle"),
-})
-VALIDATION_PAIRS: frozenset[tuple[str, str]] = frozenset({
-    ("purple", "circle"), ("navy", "circle"), ("orange", "square"), ("brown", "square"),
-    ("yellow", "triangle"), ("teal", "triangle"),
-})
-HELD_OUT_PAIRS: frozenset[tuple[str, str]] = TEST_PAIRS | VALIDATION_PAIRS
 # Half-extent in pixels at 32x32, jittered +-15%. The classes must not overlap: the widest small shape (a
 # triangle, 13.9 px) stays narrower than the narrowest large one (a square, 15.8 px). With 6 / 10 they did
 # (16.7 vs 15.0 px), so any change of a large shape's outline could read as a change of size.
@@ -89,10 +71,6 @@ class Caption:
     @property
     def text(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} on {self.background}"
-
-    @property
-    def held_out(self) -> bool:
-        return (self.colour, self.shape) in HELD_OUT_PAIRS
 
     def label(self, attribute: str) -> int:
         """Class index of this caption's value for `attribute` (see ATTRIBUTES)."""
@@ -118,25 +96,6 @@ def parse_caption(text: str) -> Caption:
 
 def all_captions() -> list[Caption]:
     return [Caption(c, s, z, b) for c in COLOURS for s in SHAPES for z in SIZES for b in BACKGROUNDS]
-
-
-def train_captions() -> list[Caption]:
-    return [c for c in all_captions() if not c.held_out]
-
-
-def held_out_captions() -> list[Caption]:
-    """Every held-out caption (72): test and validation, never seen in pretraining or fine-tuning."""
-    return [c for c in all_captions() if c.held_out]
-
-
-def test_captions() -> list[Caption]:
-    """The TEST captions (36): the demo's reported evaluation."""
-    return [c for c in all_captions() if (c.colour, c.shape) in TEST_PAIRS]
-
-
-def validation_captions() -> list[Caption]:
-    """The VALIDATION captions (36): held out like the test ones, used to choose the demo's design."""
-    return [c for c in all_captions() if (c.colour, c.shape) in VALIDATION_PAIRS]
 
 
 def vocabulary() -> list[str]:

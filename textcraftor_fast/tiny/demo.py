@@ -4,9 +4,11 @@ prompts (optionally the same for the paper's recipe), an interpolation grid and 
     textcraftor-fast demo [--config builtin:tiny] [--out outputs/demo] [--quick] [--paper] [--split test|validation]
     textcraftor-fast demo --seeds 0,1,2,3,4 --threads 1,2      # the robustness sweep (tiny/sweep.py)
 
-Every run goes through `textcraftor_fast.train` (the engine the SD1.5 path uses). Evaluation: every held-out
-caption x `seeds_per_caption` seeds; the base and tuned encoders see the same (caption, initial noise)
-pairs, so intervals are on paired differences. The acceptance verdict is computed, never tuned.
+Every run goes through `textcraftor_fast.train` (the engine the SD1.5 path uses). The held-out split is the
+loaded world's (its build_info.json, split.py): the demo evaluates on it and trains on the world's other
+captions. Evaluation: every caption of the split x `seeds_per_caption` seeds; the base and tuned encoders see
+the same (caption, initial noise) pairs, so intervals are on paired differences. The acceptance verdict is
+computed, never tuned.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 from ..config import TrainConfig
 from . import data as D
 from .evaluate import compare, eval_set, evaluate_encoder, format_read_as, pair_breakdown, verdict
+from .split import SPLITS, HeldOut, read_held_out, write_prompt_files
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,6 @@ logger = logging.getLogger(__name__)
 # in another attribute's interval: more samples make "others held" stricter, not looser.
 SEEDS_PER_CAPTION = {"test": 18, "validation": 18}
 INTERPOLATION = (0.25, 0.5, 0.75)
-# Where a demo is evaluated: 'test' (the reported numbers, once per run) or 'validation' (design work).
-SPLITS = {"test": D.test_captions, "validation": D.validation_captions}
 
 
 @contextlib.contextmanager
@@ -49,10 +50,40 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def eval_captions(split: str) -> list[D.Caption]:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"evaluation split {split!r} is not one of {', '.join(map(repr, SPLITS))}")
-    return SPLITS[split]()
+
+
+def eval_captions(split: str, held_out: HeldOut) -> list[D.Caption]:
+    """The captions of `split` ('test': the reported numbers, once per run; 'validation': design work)."""
+    check_split(split)
+    return held_out.captions(split)
+
+
+def for_world(cfg: TrainConfig, out_dir: Path) -> tuple[TrainConfig, HeldOut]:
+    """`cfg` fitted to the world it loads, and that world's split. The world's train/test/validation captions
+    are written to out_dir/prompts/; data.path 'builtin:tiny_world' (the shipped world's files) becomes its
+    train.txt (for the shipped world the same lines in the same order), and tiny_alignment rewards without a
+    `path` read this world's judge. Training prompts naming a held-out pair are refused."""
+    from ..data import load_prompts
+    from .world import world_folder
+
+    world = world_folder(cfg.model)
+    held_out = read_held_out(world)
+    files = write_prompt_files(held_out, out_dir / "prompts")
+    data = cfg.data
+    if data.path == "builtin:tiny_world":
+        data = dataclasses.replace(data, path=str(files["train"]))
+    captions = map(D.parse_caption, load_prompts(data.path, data.field, data.max_prompts, data.on_bad_line))
+    leaked = sorted(c.text for c in captions if (c.colour, c.shape) in held_out.all_pairs)
+    if leaked:
+        raise ValueError(f"data.path {data.path!r} trains on captions of pairs held out in the world at {world} "
+                         f"(e.g. {leaked[0]!r}): use 'builtin:tiny_world' (its own training captions) or "
+                         f"{files['train']}")
+    rewards = tuple(dataclasses.replace(r, path=str(world)) if r.name == "tiny_alignment" and not r.path else r
+                    for r in cfg.rewards)
+    return dataclasses.replace(cfg, data=data, rewards=rewards), held_out
 
 
 def paper_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -185,9 +216,9 @@ def load_world(cfg: TrainConfig):
     """(components, judge, rewards) of the demo's world, loaded once for every arm and evaluation."""
     from ..models.loading import load_components
     from ..rewards import build_rewards
-    from .world import load_judge
+    from .world import load_judge, world_folder
 
-    return load_components(cfg.model, seed=cfg.seed), load_judge(), build_rewards(cfg.rewards)
+    return load_components(cfg.model, seed=cfg.seed), load_judge(world_folder(cfg.model)), build_rewards(cfg.rewards)
 
 
 def run_demo(cfg: TrainConfig, out_dir: str | Path = "outputs/demo", quick: bool = False,
@@ -203,15 +234,17 @@ def run_demo(cfg: TrainConfig, out_dir: str | Path = "outputs/demo", quick: bool
 def _run_demo(cfg: TrainConfig, out_dir: Path, quick: bool, seeds_per_caption: int | None, paper: bool,
               split: str) -> dict[str, Any]:
     t_start = time.time()
-    captions = eval_captions(split)
+    check_split(split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = quick_config(cfg) if quick else cfg
+    cfg, held_out = for_world(quick_config(cfg) if quick else cfg, out_dir)
+    captions = eval_captions(split, held_out)
     spc = seeds_per_caption or (1 if quick else SEEDS_PER_CAPTION[split])
     comp, judge, rewards = load_world(cfg)
     prompts, seeds = eval_set(captions, spc)
     base = evaluate_encoder(comp, judge, rewards, cfg.sampler, prompts, seeds, progress="evaluating the original")
     report: dict[str, Any] = {
-        "split": split, "n_samples": len(prompts), "n_captions": len(captions), "seeds_per_caption": spc,
+        "split": split, "held_out_pairs": held_out.to_json()[split], "n_samples": len(prompts),
+        "n_captions": len(captions), "seeds_per_caption": spc,
         "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
         "emb_cos_before": float(base["emb_cos"]), "arms": {}, "quick": quick, "threads": _threads()}
     arms = {"tuned": cfg, "paper_recipe": paper_recipe(cfg)} if paper else {"tuned": cfg}
@@ -222,16 +255,9 @@ def _run_demo(cfg: TrainConfig, out_dir: Path, quick: bool, seeds_per_caption: i
         if name == "tuned":
             main_cfg, main_tuned = arm_cfg, tuned
     _grid(comp, judge, rewards, main_cfg, main_tuned, base, prompts, seeds, out_dir)
-    from .plots import save_reward_curve
-
-    save_reward_curve({k: v["history"] for k, v in report["arms"].items()}, out_dir / "reward_curve.png")
     report["seconds"] = time.time() - t_start
-    text = format_report(report)
-    (out_dir / "report.md").write_text(text + "\n")
-    slim = {**report, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
-                               for k, v in report["arms"].items()}}
-    (out_dir / "report.json").write_text(json.dumps(slim, indent=2) + "\n")
-    print(text)
+    written = write_report(report, out_dir)
+    print(format_report(report))
     print("\nVerdict (paired differences tuned - original, 95% intervals; PASS needs shape and reward above zero "
           "and no other attribute's interval below zero):")
     for name, res in report["arms"].items():
@@ -239,9 +265,25 @@ def _run_demo(cfg: TrainConfig, out_dir: Path, quick: bool, seeds_per_caption: i
     if quick:
         print(f"  (--quick: {cfg.train.steps} fine-tuning steps and {len(prompts)} samples, a smoke test of the "
               "pipeline; its verdict says nothing about the method)")
-    print(f"\nwrote {out_dir / 'grid.png'}, {out_dir / 'reward_curve.png'}, {out_dir / 'report.md'} "
-          f"in {report['seconds']:.0f} s")
+    print(f"\nwrote {', '.join(str(p) for p in [out_dir / 'grid.png', *written])} in {report['seconds']:.0f} s")
     return report
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """A finished demo's report: reward_curve.png (training curves), pairs.png (target accuracy per held-out pair,
+    before and after, with 95% Wilson intervals), report.md and report.json (everything but the histories)."""
+    from .plots import save_pair_chart, save_reward_curve  # lazy: matplotlib only where a picture is drawn
+
+    paths = [save_reward_curve({k: v["history"] for k, v in report["arms"].items()}, out_dir / "reward_curve.png"),
+             save_pair_chart({k: v["pairs"] for k, v in report["arms"].items()}, out_dir / "pairs.png",
+                             f"held-out {report['split']}")]
+    paths.append(out_dir / "report.md")
+    paths[-1].write_text(format_report(report) + "\n")
+    slim = {**report, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
+                               for k, v in report["arms"].items()}}
+    paths.append(out_dir / "report.json")
+    paths[-1].write_text(json.dumps(slim, indent=2) + "\n")
+    return paths
 
 
 def _threads() -> int:

@@ -7,15 +7,18 @@ interval is tight. Conditioning and sampling are the engine's (inference.conditi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..evaluation.core import Scorer, sample_set
-from ..evaluation.stats import compare_paired, mean_ci, paired_diff  # noqa: F401 (re-exported)
+from ..evaluation.stats import Z95, compare_paired, mean_ci, paired_diff  # noqa: F401 (re-exported)
 from ..inference import conditioning
 from ..sampler import make_schedule, sample_images
 from . import data as D
 from .models import LATENT_SIZE
+from .split import HeldOut
 
 SAMPLE_BATCH = 128  # rows sampled at once: a batch size changes float rounding, so every evaluation keeps this one
 LATENT_SHAPE = (4, LATENT_SIZE, LATENT_SIZE)
@@ -64,13 +67,13 @@ def sample_world(comp, frozen, mixed, seeds: list[int], num_steps: int, guidance
 
 
 @torch.no_grad()
-def base_accuracy(comp, judge, seeds_per_caption: int = 9, guidance_scales: tuple[float, ...] = (3.0, 5.0, 7.5),
-                  num_steps: int = 10) -> dict:
-    """The base model's held-out test, validation (and train-caption) judge accuracy per attribute at a few CFG
-    scales."""
+def base_accuracy(comp, judge, held_out: HeldOut, seeds_per_caption: int = 9,
+                  guidance_scales: tuple[float, ...] = (3.0, 5.0, 7.5), num_steps: int = 10) -> dict:
+    """The base model's judge accuracy per attribute at a few CFG scales on `held_out`'s test and validation
+    captions (and every fourth training caption)."""
     result: dict = {}
-    splits = (("test", D.test_captions()), ("validation", D.validation_captions()),
-              ("train", D.train_captions()[::4]))
+    splits = (("test", held_out.captions("test")), ("validation", held_out.captions("validation")),
+              ("train", held_out.train_captions()[::4]))
     for split, caps in splits:
         prompts, seeds = eval_set(caps, 2 if split == "train" else seeds_per_caption)
         frozen, _ = conditioning(comp.text_encoder, [], [], comp.tokenizer, prompts)
@@ -135,6 +138,20 @@ def pair_breakdown(before: dict[str, Tensor], after: dict[str, Tensor], prompts:
             entry[f"{when}_read_as"] = {c: int((pred == k).sum()) for k, c in enumerate(classes)}
         out[pair] = entry
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion k / n. Unlike the normal interval it stays inside
+    [0, 1] and is not zero-width at 0 or n successes: the per-pair counts (108 samples, often near 0.8 or 0.3)
+    are small enough for that to matter."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At k = 0 (k = n) the lower (upper) end is 0 (1) exactly; rounding would put it a hair past the estimate.
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def format_read_as(counts: dict[str, int], sep: str = " / ") -> str:

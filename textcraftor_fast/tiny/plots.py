@@ -1,4 +1,5 @@
-"""Figures of the tiny-world demo: the interpolation grid and the reward curves (matplotlib, Agg backend)."""
+"""Figures of the tiny-world demo: the interpolation grid, the reward curves and the target attribute's accuracy per
+held-out pair (matplotlib, Agg backend)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,44 @@ def save_reward_curve(histories: dict[str, list[dict[str, Any]]], path: str | Pa
     ax_c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_pair_chart(pairs_by_arm: dict[str, dict[str, dict]], path: str | Path, what: str = "held-out",
+                    attribute: str = "shape") -> Path:
+    """`attribute` accuracy per colour-shape pair, the original encoder beside each tuned one, with 95% Wilson
+    intervals on the per-pair counts. `pairs_by_arm[arm]` is evaluate.pair_breakdown's result for that arm (every
+    arm's 'before' is the same original encoder). The pairs are listed in the PNG's 'Description' text."""
+    from .data import ATTRIBUTES
+    from .evaluate import wilson_interval
+
+    plt = _plt()
+    first = next(iter(pairs_by_arm.values()))
+    names = list(first)
+    series = {"original": [first[p]["before"] for p in names]}
+    series.update({arm: [pairs[p]["after"] for p in names] for arm, pairs in pairs_by_arm.items()})
+    counts = [first[p]["n"] for p in names]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 3.8))
+    width = 0.8 / len(series)
+    colours = ("tab:gray", "tab:blue", "tab:orange", "tab:green")
+    for j, ((label, values), colour) in enumerate(zip(series.items(), colours)):
+        # Counts are exact: a pair's accuracy is k / n of 0/1 samples.
+        ci = [wilson_interval(round(v * n), n) for v, n in zip(values, counts)]
+        x = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
+        yerr = [[v - lo for v, (lo, _) in zip(values, ci)], [hi - v for v, (_, hi) in zip(values, ci)]]
+        ax.errorbar(x, values, yerr=yerr, fmt="o", ms=5, capsize=3, lw=1.5, color=colour, label=label)
+    chance = 1 / len(ATTRIBUTES[attribute])
+    ax.axhline(chance, color="black", lw=0.8, ls=":", label=f"chance ({chance:.2f})")
+    ax.set_xticks(range(len(names)), [f"{p}\n(n = {n})" for p, n in zip(names, counts)], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"{attribute} accuracy (judge)")
+    ax.set_title(f"{attribute.capitalize()} per {what} pair, before and after tuning (95% Wilson intervals)",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Description": "pairs: " + "; ".join(names)})
     plt.close(fig)
     return Path(path)
 

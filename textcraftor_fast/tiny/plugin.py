@@ -5,7 +5,9 @@ package; a config or the command line reaches it by these names:
     model.kind = "tiny_world"                   the shipped, pretrained tiny world (world.py)
     rewards "tiny_alignment", "tiny_aesthetic"  the judge's differentiable rewards (rewards.py)
     "builtin:tiny_world[:test|:validation]"     training captions; for evaluation the held-out test (or validation)
-                                                captions, scored by the judge too on tiny-world images
+                                                captions, scored by the judge too on tiny-world images. These are
+                                                the SHIPPED world's (tiny/prompts/, equal to the split in its
+                                                build_info.json); the demo writes and uses the loaded world's own
     --config builtin:tiny                       the demo's config
     textcraftor-fast demo                       the demo and its robustness sweep (cli.py)
 """

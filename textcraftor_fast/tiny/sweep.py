@@ -1,5 +1,6 @@
 """The demo's robustness sweep: the main arm fine-tuned at every (seed, thread count), each run evaluated
-once on one held-out split against the original encoder, and one table of verdicts.
+once on one held-out split of the loaded world (its build_info.json) against the original encoder, and one
+table of verdicts.
 
     textcraftor-fast demo --seeds 0,1,2,3,4 --threads 1,2 [--split test] [--out outputs/demo-sweep]
 
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from .demo import (SEEDS_PER_CAPTION, VERDICT_COLUMNS, arm_report, eval_captions, interval, load_world, torch_threads,
-                   verdict_line)
+from .demo import (SEEDS_PER_CAPTION, VERDICT_COLUMNS, arm_report, check_split, eval_captions, for_world, interval,
+                   load_world, torch_threads, verdict_line)
 from .evaluate import eval_set, evaluate_encoder
 
 
@@ -42,14 +43,16 @@ def format_sweep(sweep: dict[str, Any]) -> str:
 def run_sweep(cfg: TrainConfig, seeds: list[int], threads: list[int], out_dir: str | Path = "outputs/demo-sweep",
               split: str = "test", seeds_per_caption: int | None = None) -> dict[str, Any]:
     """Fine-tune the main arm at every (seed, threads) and evaluate each once on `split`; returns the sweep."""
+    check_split(split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    captions = eval_captions(split)
+    cfg, held_out = for_world(cfg, out_dir)  # the loaded world's split, and training on its own captions
+    captions = eval_captions(split, held_out)
     spc = seeds_per_caption or SEEDS_PER_CAPTION[split]
     comp, judge, rewards = load_world(cfg)
     prompts, eval_seeds = eval_set(captions, spc)
-    sweep: dict[str, Any] = {"split": split, "n_samples": len(prompts), "n_captions": len(captions),
-                             "seeds_per_caption": spc, "runs": []}
+    sweep: dict[str, Any] = {"split": split, "held_out_pairs": held_out.to_json()[split], "n_samples": len(prompts),
+                             "n_captions": len(captions), "seeds_per_caption": spc, "runs": []}
     t0 = time.time()
     for n_threads in threads:
         with torch_threads(n_threads):

@@ -49,6 +49,19 @@ def load_tiny_world(folder: str | Path | None = None):
     return comp
 
 
+def world_folder(model) -> Path:
+    """The folder of the tiny world a ModelConfig loads: the shipped weights for kind 'tiny_world', `path` for
+    kind 'pretrained' pointing at a folder the build wrote. Raises ValueError for anything else: only a tiny world
+    has a judge and a held-out split to evaluate on."""
+    if model.kind == "tiny_world":
+        return WEIGHTS_DIR
+    if model.kind == "pretrained" and model.path and Path(model.path).is_dir():
+        return Path(model.path)
+    raise ValueError(f"model.kind={model.kind!r}, model.path={model.path!r} is not a tiny world: use model.kind="
+                     f"'tiny_world' (the shipped one) or model.kind='pretrained' with model.path a folder written by "
+                     f"`python -m textcraftor_fast.tiny.build`")
+
+
 def load_tiny_world_kind(cfg, seed: int = 0):
     """model.kind = 'tiny_world' (registered by plugin.py): the shipped world."""
     return load_tiny_world()
