@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from baseline_official import OfficialTower
+from textcraftor_fast.memory.saved_bytes import saved_tensor_bytes
 from textcraftor_fast.rewards.clip_score import ClipSimilarityReward
 from textcraftor_fast.rewards.clip_tower import ClipTower, openclip_model_from_state_dict
 from textcraftor_fast.rewards.openclip_convert import OpenClipArch, openclip_state_shapes
@@ -100,6 +101,7 @@ def test_reward_step_ratios(benchmark):
             _run(reward)
             if i:  # round 0 warms up (and fills the cache)
                 times[mode].append(time.perf_counter() - t0)
+    _assert_what_the_modes_do(rewards, runs=rounds + 1)
     med = {mode: statistics.median(t) for mode, t in times.items()}
     ratios = {mode: med[mode] / med["frozen_cached"] for mode in MODES}
     benchmark.extra_info.update(median_ms={m: 1e3 * v for m, v in med.items()}, ratio_to_frozen_cached=ratios,
@@ -107,3 +109,16 @@ def test_reward_step_ratios(benchmark):
     print("\nreward step, median of %d interleaved rounds (ms): " % rounds +
           ", ".join(f"{m} {1e3 * med[m]:.1f} (x{ratios[m]:.2f})" for m in MODES))
     benchmark.pedantic(_run, args=(rewards["frozen_cached"],), rounds=1, iterations=1)
+
+
+def _assert_what_the_modes_do(rewards: dict[str, ClipSimilarityReward], runs: int) -> None:
+    """Why the ratios come out as they do, as deterministic facts (never a time), after `runs` steps of each mode:
+    the text tower ran once per step except where cached; weight gradients exist only in the official modes; and
+    the frozen towers keep less for backward (an extra, untimed step under a saved-tensors counter)."""
+    calls = {mode: r.tower.text_forward_calls for mode, r in rewards.items()}
+    assert calls == {"official": runs, "official_hpsv2": runs, "frozen_uncached": runs, "frozen_cached": 1}
+    with_grad = {mode: sum(p.grad is not None for p in r.parameters()) for mode, r in rewards.items()}
+    assert with_grad["frozen_cached"] == with_grad["frozen_uncached"] == 0
+    assert 0 < with_grad["official"] < with_grad["official_hpsv2"], with_grad  # HPSv2: the text side's as well
+    saved = {mode: saved_tensor_bytes(lambda r=r: _run(r), ignore=r.parameters())[0] for mode, r in rewards.items()}
+    assert saved["frozen_cached"] == saved["frozen_uncached"] < saved["official"] < saved["official_hpsv2"], saved

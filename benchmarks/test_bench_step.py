@@ -6,7 +6,7 @@ on a noisy 2-core box. Time is reported, never gated; bytes saved for backward a
 gradients (which saved bytes cannot see) are deterministic and asserted.
 
   pytest benchmarks/test_bench_step.py --benchmark-only -s       # timings
-  pytest benchmarks/test_bench_step.py --benchmark-disable       # CI: runs once, checks memory
+  pytest benchmarks/test_bench_step.py --benchmark-disable       # CI: one step each, checks memory and gradients
 """
 import os
 import statistics
@@ -66,10 +66,37 @@ def test_step_memory_vs_official(pair, benchmark):
     benchmark.pedantic(ours.train_step, rounds=1, iterations=1)
 
 
+def _clear_frozen_grads(trainer: Trainer) -> None:
+    modules = [trainer.unet, trainer.vae, *trainer.rewards.rewards]
+    for p in (p for m in modules for p in m.parameters()):
+        p.grad = None
+
+
 def test_step_time_vs_official(pair, benchmark):
+    """Timed steps (--benchmark-only), after one untimed step of each trainer whose structure is asserted in every
+    mode: why ours is faster, as deterministic facts of the step itself (never a time)."""
     ours, official = pair
+    saved, grads = {}, {}
+    for name, trainer in (("ours", ours), ("official", official)):
+        _clear_frozen_grads(trainer)  # what is held after this step, this step computed
+        saved[name], _ = saved_tensor_bytes(trainer.train_step)
+        grads[name] = weight_grads(trainer)
+    # Ours: no frozen module computes weight gradients. The official step computes every UNet weight's and the
+    # towers' image-side ones (HPSv2's text side too), all non-zero; its VAE is frozen as ours. And it keeps more
+    # for backward (plain VAE decode and towers).
+    assert all(stats == (0, 0, 0) for stats in grads["ours"].values()), grads["ours"]
+    unet_params = sum(1 for _ in official.unet.parameters())
+    assert grads["official"]["unet"][:2] == (unet_params, unet_params) and grads["official"]["vae"] == (0, 0, 0)
+    assert all(grads["official"][tower][0] == grads["official"][tower][1] > 0 for tower in ("clip_score", "hpsv2"))
+    assert saved["ours"] < saved["official"], saved
+    benchmark.extra_info.update(saved_bytes_step=saved)
+    if benchmark.enabled:
+        _time_interleaved(ours, official, benchmark, rounds=7)
+    benchmark.pedantic(ours.train_step, rounds=1, iterations=1)
+
+
+def _time_interleaved(ours: Trainer, official: Trainer, benchmark, rounds: int) -> None:
     times = {"ours": [], "official": []}
-    rounds = 1 if benchmark.disabled else 7
     for _ in range(rounds):  # interleaved so both see the same machine load
         for name, trainer in (("ours", ours), ("official", official)):
             t0 = time.perf_counter()
@@ -82,4 +109,3 @@ def test_step_time_vs_official(pair, benchmark):
     lo_hi = {k: f"[{v[0]:.3f}, {v[1]:.3f}]" for k, v in spread.items()}
     print(f"\nstep time median of {rounds}: ours {med['ours']:.3f}s {lo_hi['ours']}, official "
           f"{med['official']:.3f}s {lo_hi['official']}, speed-up x{med['official'] / med['ours']:.2f}")
-    benchmark.pedantic(ours.train_step, rounds=1, iterations=1)

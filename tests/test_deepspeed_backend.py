@@ -32,6 +32,38 @@ def test_the_deepspeed_dict_follows_the_config_field_by_field():
     }
 
 
+@pytest.mark.parametrize("overrides, world, want", [
+    (["train.batch_size=3", "train.gradient_accumulation_steps=5", "optim.max_grad_norm=0.25",
+      "distributed.zero_stage=1", "train.mixed_precision=bf16"], 4, dict(micro=3, acc=5, total=60, clip=0.25,
+                                                                         stage=1, untested=False)),
+    (["optim.name=adamw8bit", "distributed.zero_stage=0", "train.batch_size=2"], 2,
+     dict(micro=2, acc=1, total=4, clip=0.0, stage=0, untested=True)),
+])
+def test_deepspeed_reads_the_dict_as_meant(monkeypatch, overrides, world, want):
+    """DeepSpeed's own parser, not a copy of our dict: a misspelt or misnested key is silently DeepSpeed's default
+    there (its gradient_clipping default is 1.0), and an inconsistent train_batch_size fails its batch assertion."""
+    pytest.importorskip("deepspeed")
+    import deepspeed.comm as ds_comm
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # No process group: DeepSpeedConfig asks deepspeed.comm for the rank and data-parallel world size.
+    monkeypatch.setattr(ds_comm, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(ds_comm, "get_world_size", lambda group=None: world)
+    ds = DeepSpeedConfig(deepspeed_config(_cfg(*overrides), world_size=world))
+    assert ds.world_size == world
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps, ds.train_batch_size) == (
+        want["micro"], want["acc"], want["total"])
+    assert ds.gradient_clipping == want["clip"]
+    assert ds.zero_optimization_stage == want["stage"] and ds.zero_enabled == (want["stage"] > 0)
+    assert not ds.bfloat16_config.enabled and not ds.float16_config.enabled  # fp32 master weights
+    assert ds.zero_allow_untested_optimizer is want["untested"]
+    assert ds.communication_data_type == torch.float32
+    assert (ds.zero_config.overlap_comm, ds.zero_config.contiguous_gradients) == (False, True)
+    assert ds.optimizer_name is None  # the client optimizer: no DeepSpeed optimizer section
+    assert not ds.wall_clock_breakdown
+
+
 def test_each_field_moves_with_its_key():
     base = deepspeed_config(_cfg(), world_size=2)
     assert base["gradient_clipping"] == 0.0  # optim.max_grad_norm unset: no clipping, as without DeepSpeed

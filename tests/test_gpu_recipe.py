@@ -2,6 +2,7 @@
 same code on CPU with tiny models and tiny towers in every reward slot, so the GPU script cannot rot while no
 GPU is at hand. Numbers from it mean nothing; the FLOP model is checked against paper/NOTES.md's figures."""
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +30,27 @@ def test_the_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu-cpu-smoke.json").read_text())
     step = {(r["arm"], r["batch"]): r for r in result["suites"]["step"]["rows"]}
     assert set(step) == {("baseline", 1), ("ours", 1), ("baseline", 2), ("ours", 2)}
-    assert all(r["speedup_vs_baseline"] > 0 and r["s_per_sample"] > 0 for r in step.values())
+    # The FLOP model's speed-up, by hand (GFLOP per sample, smoke: 4 DDIM steps, K = 2, one ViT-H-14 tower):
+    #   useful   = 4 x 2 x 803 (CFG sampler forwards) + 2 x 2 x 929 (K input-gradient backwards) + 5063 (VAE
+    #              forward+backward) + 2 x 335 (tower forward + input backward)           = 15873
+    #   baseline = useful + 2 x 2 x 803 (the K checkpointed calls recomputed)
+    #                     + 2 x 2 x 803 (UNet weight gradients, about a forward per call) = 22297
+    #   ours     = useful: on CPU the budget keeps both graph-carrying UNet calls, the decoder and the tower
+    #              plain, and the UNet is frozen                                           = 15873
+    # so the baseline runs 22297 / 15873 = 1.4047x the work of ours for the same useful work.
+    for batch in (1, 2):
+        base, ours = step[("baseline", batch)], step[("ours", batch)]
+        assert (base["plain_unet_calls"], base["vae"], base["towers_checkpointed"]) == (None, "False", False)
+        assert (ours["plain_unet_calls"], ours["vae"], ours["towers_checkpointed"]) == (2, "False", False)
+        assert base["useful_tflop_per_sample"] == ours["useful_tflop_per_sample"] == pytest.approx(15.873)
+        assert (base["executed_tflop_per_sample"], ours["executed_tflop_per_sample"]) == pytest.approx((22.297, 15.873))
+        assert base["executed_tflop_per_sample"] / ours["executed_tflop_per_sample"] == pytest.approx(1.4047, abs=1e-4)
+        # The measured speed-up (a CPU time here, never gated) is the ratio of the two arms' median step times.
+        for row in (base, ours):
+            assert row["s_per_sample"] > 0 and row["speedup_vs_baseline"] == pytest.approx(
+                statistics.median(base["times_s"]) / statistics.median(row["times_s"]), rel=1e-12)
+    # The full recipe's towers by hand: 6424 + 3716 + 5063 + 2 x (162 + 335 + 335 + 534) = 17935 GFLOP per sample.
+    assert all(r["useful_tflop_per_sample"] == pytest.approx(17.935) for r in result["suites"]["recipe"]["rows"])
     speed = {r["arm"]: r for r in result["suites"]["speed"]["rows"]}
     assert set(speed) == {"ours", "ours:channels_last", "ours:compile"}
     # each option's first-step encoder gradient against the plain arm's (fp32 here: the same to rounding)

@@ -11,9 +11,9 @@ from textcraftor_fast.config import load_config
 from textcraftor_fast.evaluation import EvalOptions, Tuned, evaluate
 from textcraftor_fast.evaluation.core import sample_set
 from textcraftor_fast.inference import conditioning
-from textcraftor_fast.evaluation.stats import paired_diff
 from textcraftor_fast.models import export_text_encoder
 from textcraftor_fast.models.lora import merged_unet, save_lora
+from tests.evaluation.by_hand import paired_row
 
 FAST = dict(prompts="builtin:tiny_world", max_prompts=2, seeds_per_prompt=1, batch_size=2, grid_prompts=2,
             progress=False, switch_steps=())
@@ -75,13 +75,23 @@ def test_each_entry_samples_with_its_own_unet_and_encoder(cfg, runs, result, tin
     assert torch.equal(s["unet_only"]["images"], (want * 255).round().to(torch.uint8))
 
 
+def test_the_hand_formula_on_a_worked_example():
+    # d = [2, 3, 0, 3]: mean 2, squares of deviations 0 + 1 + 4 + 1 = 6, sd = sqrt(6 / 3) = sqrt(2),
+    # half-width 1.96 * sqrt(2) / 2 = 1.385929...; before [1, 2, 4, 5]: mean 3, sd sqrt(10 / 3);
+    # after [3, 5, 4, 8]: mean 5, sd sqrt(14 / 3).
+    row = paired_row([3.0, 5.0, 4.0, 8.0], [1.0, 2.0, 4.0, 5.0])
+    assert row == pytest.approx({"n": 4, "before": 3.0, "before_hw": 1.789227, "after": 5.0, "after_hw": 2.117042,
+                                 "diff": 2.0, "half_width": 1.385929, "lo": 0.614071, "hi": 3.385929}, abs=1e-6)
+
+
 def test_one_table_and_the_paired_comparison_between_entries(result):
     assert set(result.table) == {"enc", "unet_only", "both"}
     assert result.curves["unet_only"] == {"weight": [], "switch_step": []}  # no tuned encoder to interpolate
-    row = result.pairs["both vs enc"]["reward"]
     s = result.scores
-    assert row["diff"] == pytest.approx(paired_diff(s["both"]["reward"], s["enc"]["reward"])["diff"], abs=1e-12)
-    assert row["before"] == pytest.approx(float(s["enc"]["reward"].mean()))
+    for metric, row in result.pairs["both vs enc"].items():  # after = both, before = enc, sample by sample
+        want = paired_row(s["both"][metric], s["enc"][metric])
+        assert row == pytest.approx(want, rel=1e-12, abs=1e-12), metric
+    assert result.pairs["both vs enc"]["reward"]["n"] == 2
     md = result.files["markdown"].read_text()
     assert "| metric | original | enc | unet_only | both |" in md and "### both vs enc" in md
     assert "| metric | enc | both | paired diff both - enc [95% CI] |" in md

@@ -172,11 +172,42 @@ def test_a_resave_that_fails_at_the_rename_keeps_the_previous_version(tmp_path, 
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
 
 
-def test_resume_latest_skips_a_corrupt_newest_and_continues(tmp_path, caplog):
+def _restored(folder: Path) -> dict:
+    """Everything a resume restores from checkpoint `folder`: weights, optimizer state, RNG and loop state."""
+    from safetensors.torch import load  # from bytes: load_file's tensors map the file, which the test then cuts
+
+    return {"weights": load((folder / "text_encoder" / "model.safetensors").read_bytes()),
+            "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
+            "rng": load((folder / "rng.safetensors").read_bytes()),
+            **{name: json.loads((folder / name).read_text()) for name in ("rng.json", "state.json")}}
+
+
+def _assert_bitwise(got, want, where="") -> None:
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            _assert_bitwise(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_bitwise(g, w, f"{where}[{i}]")
+    elif torch.is_tensor(want):
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), where
+        bits = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731 (-0.0 != 0.0, NaN == NaN)
+        same = torch.equal(bits(got), bits(want))
+        assert same, f"{where} differs: max |diff| {(got.double() - want.double()).abs().max().item():.3g}"
+    else:
+        assert got == want, where
+
+
+def test_resume_latest_skips_a_corrupt_newest_and_continues_bit_for_bit(tmp_path, caplog):
     base = ["sampler.num_steps=3", "sampler.grad_steps=1", "train.batch_size=1", "train.progress_bar=false",
             "data.max_prompts=4", "train.checkpointing_steps=1", f'output.dir="{tmp_path}"']
-    train(load_config("configs/tiny_random.toml", base + ["train.steps=2", "output.overwrite=true"]))
-    weights = tmp_path / "checkpoints" / "step-000002" / "text_encoder" / "model.safetensors"
+    first = train(load_config("configs/tiny_random.toml", base + ["train.steps=2", "output.overwrite=true"]))
+    newest = tmp_path / "checkpoints" / "step-000002"
+    uninterrupted = _restored(newest)  # step 2 as the run made it, before its weights are cut
+    weights = newest / "text_encoder" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
     with caplog.at_level(logging.WARNING):
         result = train(load_config("configs/tiny_random.toml",
@@ -184,6 +215,11 @@ def test_resume_latest_skips_a_corrupt_newest_and_continues(tmp_path, caplog):
     assert "skipping" in caplog.text and "step-000002" in caplog.text
     assert result.steps == 3 and [m["step"] for m in result.history] == [1, 2, 3]
     assert ck.verify_checkpoint(result.checkpoint) is None
+    # Step 2 again, continued from step 1's checkpoint: the same weights, AdamW moments, RNG streams, data cursor
+    # and logged metrics as the uninterrupted run's step 2, bit for bit.
+    _assert_bitwise(_restored(newest), uninterrupted)
+    timeless = lambda m: {k: v for k, v in m.items() if k != "s_per_step"}  # noqa: E731
+    assert [timeless(m) for m in result.history[:2]] == [timeless(m) for m in first.history]
 
 
 def test_a_disk_full_final_export_keeps_the_checkpoint_and_the_earlier_export(tmp_path, monkeypatch, capsys):
