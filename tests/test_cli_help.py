@@ -16,3 +16,17 @@ def test_help_renders(argv, capsys):
     assert out.startswith("usage: textcraftor-fast")
     if argv == ["--help"]:
         assert all(c in out for c in COMMANDS)
+
+
+def test_generate_and_evaluate_share_the_switch_step_default_and_say_it(capsys):
+    from textcraftor_fast.evaluation import EvalOptions
+    from textcraftor_fast.inference import GenerateOptions
+
+    assert GenerateOptions().switch_step == EvalOptions().switch_step == 0  # the tuned encoder at every step
+    for command in ("generate", "evaluate"):
+        args = cli.build_parser().parse_args([command, "--config", "builtin:tiny"])
+        assert cli._switch_step_arg(args) == 0
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "default 0: " in help_text and "a decimal a fraction of the steps, rounded down" in help_text

@@ -66,12 +66,19 @@ def _read_prompt_args(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _switch_step_arg(args: argparse.Namespace) -> int | float:
+    """--switch-step, or generate's and evaluate's shared default (imported here: `--help` loads no torch)."""
+    from .inference import DEFAULT_SWITCH_STEP
+
+    return DEFAULT_SWITCH_STEP if args.switch_step is None else args.switch_step
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .inference import GRID_NAME, GenerateOptions, generate
 
     cfg = load_config(args.config, list(args.set or []))
     opts = GenerateOptions(num_steps=args.steps or cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-                           switch_step=args.switch_step, weight=args.weight, seed=args.seed,
+                           switch_step=_switch_step_arg(args), weight=args.weight, seed=args.seed,
                            timestep_spacing=cfg.sampler.timestep_spacing)
     paths = generate(cfg.model, _read_prompt_args(args), args.out, args.text_encoder or [], args.weights, opts,
                      cfg.train.device, grid=args.grid, unet=args.unet)
@@ -116,7 +123,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     opts = EvalOptions(prompts=prompts, max_prompts=args.max_prompts, seeds_per_prompt=args.seeds_per_prompt,
                        weights=tuple(args.weights) if args.weights is not None else EvalOptions.weights,
                        switch_steps=tuple(args.switch_steps) if args.switch_steps is not None else None,
-                       switch_step=args.switch_step, num_steps=args.steps, batch_size=args.batch_size,
+                       switch_step=_switch_step_arg(args), num_steps=args.steps, batch_size=args.batch_size,
                        grid_prompts=args.grid_prompts, device=cfg.train.device, compare=tuple(args.compare or ()))
     entries = [path if kind == "text_encoder" else Tuned.from_folder(path) for kind, path in args.entries or []]
     result = evaluate(cfg, entries, args.out, opts, names=args.name)
@@ -125,16 +132,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number_list(kind: type):
+def _number_list(kind, example: str = "0,1", what: str | None = None):
     def parse(text: str) -> list:
         if text.strip().lower() == "none":
             return []
         try:
             return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as 0,1 (or 'none'), "
-                                             f"got {text!r}") from None
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what or kind.__name__ + 's'} such as "
+                                             f"{example} (or 'none'), got {text!r}") from None
     return parse
+
+
+def _switch_step(text: str) -> int | float:
+    """--switch-step: an integer is a step ('10'), a decimal a fraction of the steps ('0.4'); the range is checked
+    against the step count (inference.resolve_switch_step)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected a step such as 10 or a fraction of the steps such as 0.4, got {text!r}")
+
+
+_SWITCH_HELP = ("an integer is that step (0..steps-1), a decimal a fraction of the steps, rounded down (0.4 of 25 "
+                "steps: step 10, the paper's late switch)")
 
 
 def _common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -163,7 +185,9 @@ def _add_generate(sub) -> None:
                                   "or unet/; used at every step")
     g.add_argument("--weights", type=float, nargs="+", help="one mixing weight per --text-encoder")
     g.add_argument("--weight", type=float, default=1.0, help="interpolation w for a single encoder (default 1)")
-    g.add_argument("--switch-step", type=int, default=10, help="original encoder before this step (default 10)")
+    g.add_argument("--switch-step", type=_switch_step, metavar="S",
+                   help="the tuned encoder(s) from this step on, the original before it; default 0: the tuned "
+                        f"encoder at every step, a drop-in replacement as in an exported pipeline; {_SWITCH_HELP}")
     g.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
     g.add_argument("--seed", type=int, default=0, help="image i starts from seed + i's noise (default 0)")
     g.add_argument("--out", default="outputs/generate",
@@ -218,10 +242,13 @@ def _add_evaluate(sub) -> None:
     v.add_argument("--seeds-per-prompt", type=int, default=1, metavar="N", help="paired noise seeds per prompt")
     v.add_argument("--weights", type=_number_list(float), metavar="W,W,...",
                    help="interpolation weights of the w-curve (default 0,0.25,0.5,0.75,1; 'none' skips it)")
-    v.add_argument("--switch-steps", type=_number_list(int), metavar="S,S,...",
-                   help="switch steps of the switch-step curve (default 0,n/4,n/2,3n/4; 'none' skips it)")
-    v.add_argument("--switch-step", type=int, help="where tuned encoders take over in the table (default: the "
-                                                   "config's sampler.switch_step, or num_steps - grad_steps)")
+    v.add_argument("--switch-steps", type=_number_list(_switch_step, "0,5 or 0,0.5", "steps or fractions"),
+                   metavar="S,S,...",
+                   help="switch steps of the switch-step curve, steps or fractions as --switch-step (default "
+                        "0,n/4,n/2,3n/4; 'none' skips it)")
+    v.add_argument("--switch-step", type=_switch_step, metavar="S",
+                   help="where tuned encoders take over in the table; default 0: at every step, as generate and an "
+                        f"exported pipeline; {_SWITCH_HELP}")
     v.add_argument("--steps", type=int, help="DDIM steps (default: sampler.num_steps)")
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--grid-prompts", type=int, default=8, metavar="N", help="rows of the picture grid")

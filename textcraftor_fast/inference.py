@@ -1,9 +1,13 @@
 """Generation with a tuned text encoder: switch step, embedding interpolation and style mixing.
 
-The tuned encoder is a drop-in replacement. Following the paper, the ORIGINAL encoder conditions the
-first `switch_step` steps (layout) and the tuned one the rest (style/detail); its embedding can be
-interpolated with the original, e = w * e_tuned + (1 - w) * e_original, or several tuned encoders mixed
-with weights (style mixing).
+The tuned encoder is a drop-in replacement: by default (switch step 0) it conditions every step, as in a pipeline
+`export` wrote. The paper's inference option is a late switch: the ORIGINAL encoder conditions the first
+`switch_step` steps (layout) and the tuned one the rest (style/detail), given as a step or as a fraction of the steps
+(`resolve_switch_step`). The tuned embedding can be interpolated with the original, e = w * e_tuned + (1 - w) *
+e_original, or several tuned encoders mixed with weights (style mixing).
+
+`generate` and `evaluate` share that default; the config's `sampler.switch_step` is the training chain's (where the
+trainable embeddings enter it, num_steps - K when unset) and is not read here.
 
 Sample i starts from its own noise, `torch.Generator().manual_seed(seed + i)` on the CPU: an image depends on
 its seed only (not on the batch size, its batch or the device), and stock diffusers reproduces it given
@@ -11,8 +15,12 @@ its seed only (not on the batch size, its batch or the device), and stock diffus
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -26,12 +34,47 @@ from .sampler import DDIMSchedule, Embeddings, make_schedule, sample_images
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_SWITCH_STEP = 0
+"""generate's and evaluate's switch step: the tuned encoder at every step, as an exported pipeline uses it."""
+
+
+def resolve_switch_step(switch_step: int | float, num_steps: int) -> int:
+    """The step from which the tuned encoder conditions, in 0..num_steps - 1 (steps before it use the original).
+
+    An integer is that step. A float in [0, 1) is a fraction of the steps, rounded down: step floor(f * num_steps),
+    so the original encoder conditions at most the fraction f of the steps (0.4 of 25 is step 10, the paper's; 0.4
+    of 10 is step 4; 0.25 of 10 is step 2). The float's decimal form is used, so 0.29 of 100 is 29, not 28.
+    Anything else, and an integer outside 0..num_steps - 1, is a ValueError naming the valid range."""
+    steps = f"0..{num_steps - 1}" if num_steps > 1 else "0"
+    fix = (f"give a step in {steps} (0: the tuned encoder at every step) or a fraction of the steps in [0, 1) "
+           "such as 0.4")
+    if isinstance(switch_step, numbers.Integral) and not isinstance(switch_step, bool):
+        if not 0 <= switch_step < num_steps:
+            raise ValueError(f"switch step {switch_step} is outside {steps} for {num_steps} DDIM steps: {fix}")
+        return int(switch_step)
+    if isinstance(switch_step, numbers.Real) and not isinstance(switch_step, bool):
+        if not 0.0 <= switch_step < 1.0:  # NaN fails too
+            raise ValueError(f"switch step {switch_step!r} is a fraction of the steps outside [0, 1): {fix}")
+        return math.floor(Fraction(repr(float(switch_step))) * num_steps)
+    raise ValueError(f"switch step {switch_step!r} is neither a step nor a fraction: {fix}")
+
+
+def describe_switch(switch_step: int, num_steps: int) -> str:
+    """Which encoder conditions which steps, for logs: 'the tuned encoder at every step of 10 (switch step 0)'."""
+    if switch_step == 0:
+        return f"the tuned encoder at every step of {num_steps} (switch step 0)"
+    return (f"the original encoder for steps 0..{switch_step - 1} and the tuned one for steps {switch_step}.."
+            f"{num_steps - 1} of {num_steps} (switch step {switch_step})")
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     num_steps: int = 25
     guidance_scale: float = 7.5
-    switch_step: int = 10
-    """Steps before this use the original encoder (paper: 10 of 25); 0 uses the tuned encoder throughout."""
+    switch_step: int | float = DEFAULT_SWITCH_STEP
+    """The tuned encoder conditions steps from this one on, the original the steps before (`resolve_switch_step`):
+    0 (default) is a drop-in replacement, the tuned encoder at every step; the paper's late switch is step 10 of
+    25, or 0.4 as a fraction of the steps (rounded down). An integer >= num_steps is an error."""
     weight: float = 1.0
     """Interpolation w: e = w * e_tuned + (1 - w) * e_original."""
     seed: int = 0
@@ -79,6 +122,7 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
     of CPU generators: the stock pipeline draws the same numbers, on any device."""
     from tqdm.auto import tqdm
 
+    switch = resolve_switch_step(opts.switch_step, opts.num_steps)
     images = []
     # disable=None: a bar on a terminal, silent in logs and under pytest.
     for start in tqdm(range(0, len(prompts), opts.batch_size), desc="generate", unit="batch", disable=None,
@@ -87,7 +131,7 @@ def generate_images(unet: nn.Module, vae: nn.Module, tokenizer, schedule: DDIMSc
         frozen, mixed = conditioning(original, tuned, weights, tokenizer, batch)
         seeds = range(opts.seed + start, opts.seed + start + len(batch))
         images.append(sample_images(unet, vae, schedule, seeds, latent_shape, frozen, mixed, opts.guidance_scale,
-                                    opts.switch_step).cpu())
+                                    switch).cpu())
     return torch.cat(images)
 
 
@@ -109,6 +153,8 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    # In steps from here on: the PNGs and the log state the step actually used, whatever form it was given in.
+    opts = dataclasses.replace(opts, switch_step=resolve_switch_step(opts.switch_step, opts.num_steps))
     comp = load_components(model, seed=0)
     original = comp.text_encoder.to(dev).eval()
     tuned = [load_text_encoder(p, config=original.config, base=original).to(dev).eval() for p in text_encoders]
@@ -120,6 +166,8 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     side = model.resolution // comp.vae_scale_factor
     shape = (comp.unet.config.in_channels, side, side)
     sampler_unet = load_unet(unet, comp.unet) if unet else comp.unet
+    logger.info("Generating %d images: %s", len(prompts), describe_switch(opts.switch_step, opts.num_steps)
+                if tuned else f"the original encoder at every step of {opts.num_steps} (no tuned encoder)")
     images = generate_images(sampler_unet.to(dev).eval(), comp.vae.to(dev).eval(), comp.tokenizer, schedule, original,
                              tuned, weights, prompts, opts, shape, dev)
     settings = [image_settings(model, prompt, i, opts, text_encoders, weights, unet) for i, prompt in enumerate(prompts)]
@@ -138,7 +186,7 @@ def image_settings(model: ModelConfig, prompt: str, index: int, opts: GenerateOp
         "seed": opts.seed + index,
         "steps": opts.num_steps,
         "guidance_scale": opts.guidance_scale,
-        "switch_step": opts.switch_step,
+        "switch_step": resolve_switch_step(opts.switch_step, opts.num_steps),  # in steps, as used
         "timestep_spacing": opts.timestep_spacing,
         "weights": [float(w) for w in weights],
         "text_encoders": [resolved_spec(str(p)) for p in text_encoders],  # a LoRA stack keeps its scales
@@ -167,5 +215,5 @@ def _write_images(images: Tensor, settings: list[dict[str, Any]], out: Path, gri
     return paths
 
 
-__all__ = ["GRID_NAME", "GenerateOptions", "conditioning", "generate", "generate_images", "image_settings",
-           "mix_embeddings"]
+__all__ = ["DEFAULT_SWITCH_STEP", "GRID_NAME", "GenerateOptions", "conditioning", "describe_switch", "generate",
+           "generate_images", "image_settings", "mix_embeddings", "resolve_switch_step"]

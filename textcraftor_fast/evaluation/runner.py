@@ -30,7 +30,7 @@ from torch import Tensor
 from ..config import TrainConfig
 from . import report
 from .cache import ScoreCache, fingerprint, weights_fingerprint
-from ..inference import conditioning
+from ..inference import DEFAULT_SWITCH_STEP, conditioning, describe_switch, resolve_switch_step
 from ..sampler import sample_images
 from .core import EVAL_SEED0, Variant, reward_scorer, sample_set
 from .entries import Tuned, as_tuned, run_name
@@ -58,10 +58,13 @@ class EvalOptions:
     seed0: int = EVAL_SEED0
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
     """Interpolation weights of the w-curve (e = w * tuned + (1 - w) * original); () skips it; w > 1 extrapolates."""
-    switch_steps: tuple[int, ...] | None = None
-    """Switch steps of the switch-step curve (tuned encoder from this step on); None: 0, n/4, n/2, 3n/4; () skips."""
-    switch_step: int | None = None
-    """Where tuned encoders take over in the main table; None: the config's (sampler.switch_step or n - K)."""
+    switch_steps: tuple[int | float, ...] | None = None
+    """Switch steps of the switch-step curve (tuned encoder from this step on), steps or fractions of the steps as
+    `switch_step`; None: 0, n/4, n/2, 3n/4; () skips."""
+    switch_step: int | float = DEFAULT_SWITCH_STEP
+    """Where tuned encoders take over in the main table: 0 (default, as `generate` and an exported pipeline) at
+    every step; an integer is that step, a float in [0, 1) a fraction of the steps, rounded down
+    (inference.resolve_switch_step). Not the config's sampler.switch_step, which places the training chain's."""
     num_steps: int | None = None
     """DDIM steps; None: sampler.num_steps."""
     guidance_scale: float | None = None
@@ -108,6 +111,9 @@ class _Evaluation:
         from ..sampler import make_schedule
 
         self.opts, self.config = opts, config
+        s = config.sampler
+        self.num_steps = opts.num_steps or s.num_steps
+        self.switch = resolve_switch_step(opts.switch_step, self.num_steps)  # a bad one fails before any loading
         self.device = _device(opts.device)
         comp = load_components(config.model, seed=config.seed)
         self.comp = comp
@@ -118,11 +124,7 @@ class _Evaluation:
         self.tuned = [load_text_encoder(e.text_encoder, config=comp.text_encoder.config, base=comp.text_encoder)
                       .to(self.device).eval() if e.text_encoder else None for e in entries]
         self.unets = [load_unet(e.unet, comp.unet).to(self.device).eval() if e.unet else None for e in entries]
-        s = config.sampler
-        self.num_steps = opts.num_steps or s.num_steps
         self.guidance = opts.guidance_scale if opts.guidance_scale is not None else s.guidance_scale
-        self.switch = opts.switch_step if opts.switch_step is not None else min(s.effective_switch_step,
-                                                                                self.num_steps - 1)
         self.schedule = make_schedule(comp.scheduler.config, self.num_steps, 0.0, s.timestep_spacing)
         side = config.model.resolution // comp.vae_scale_factor
         self.latent_shape = (comp.unet.config.in_channels, side, side)
@@ -198,10 +200,8 @@ def _variants(ev: _Evaluation, names: list[str]) -> tuple[list[Variant], dict[st
     """(main variants: original + each tuned model as used; w-curve and switch-curve variants per model with a
     tuned encoder, with that model's UNet)."""
     opts, n = ev.opts, ev.num_steps
-    switches = opts.switch_steps if opts.switch_steps is not None else tuple(sorted({0, n // 4, n // 2, 3 * n // 4}))
-    bad = [s for s in switches if not 0 <= s < n]
-    if bad:
-        raise ValueError(f"switch steps {bad} are outside [0, {n - 1}] for {n} DDIM steps")
+    switches = opts.switch_steps if opts.switch_steps is not None else (0, n // 4, n // 2, 3 * n // 4)
+    switches = sorted({resolve_switch_step(s, n) for s in switches})  # 0.5 and 5 of 10 are one point
     if any(w > 1 or w < 0 for w in opts.weights):
         logger.warning("interpolation weights %s go outside [0, 1]: extrapolating past the tuned (or original) "
                        "embedding, where nothing was trained", [w for w in opts.weights if w > 1 or w < 0])
@@ -211,7 +211,7 @@ def _variants(ev: _Evaluation, names: list[str]) -> tuple[list[Variant], dict[st
     with_encoder = [(name, enc, unet) for name, (enc, unet) in zip(names, parts) if enc is not None]
     w_curves = {name: [Variant(f"{name} w={w:g}", enc, w, ev.switch, unet) for w in sorted(opts.weights)]
                 for name, enc, unet in with_encoder}
-    s_curves = {name: [Variant(f"{name} switch={s}", enc, 1.0, s, unet) for s in sorted(switches)]
+    s_curves = {name: [Variant(f"{name} switch={s}", enc, 1.0, s, unet) for s in switches]
                 for name, enc, unet in with_encoder}
     return main, w_curves, s_curves
 
@@ -252,8 +252,9 @@ def evaluate(config: TrainConfig, text_encoders: Sequence[str | Tuned] = (), out
     main, w_curves, s_curves = _variants(ev, names)
     every = main + [v for vs in (*w_curves.values(), *s_curves.values()) for v in vs]
     cached_before = ev.cache.count()
-    logger.info("Evaluating %d prompts x %d seeds = %d samples for %d encoder settings (%d batches cached)",
-                len(ev.prompts), options.seeds_per_prompt, len(ev.samples), len(every), cached_before)
+    logger.info("Evaluating %d prompts x %d seeds = %d samples for %d encoder settings (%d batches cached); in the "
+                "table, %s", len(ev.prompts), options.seeds_per_prompt, len(ev.samples), len(every), cached_before,
+                describe_switch(ev.switch, ev.num_steps))
     bar = tqdm(total=len(every) * len(ev.batches()), desc="evaluate", unit="batch", disable=not options.progress,
                dynamic_ncols=True)
     scores = {v.label: ev.run(v, bar) for v in every}
