@@ -31,7 +31,7 @@ $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	@$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	$(BIN)/pip install -q $(PIN_ARGS) -c $(VENV)/torch-pin.txt -e ".[dev]"
 	@$(BIN)/python -c "import importlib.metadata as m; print('installed:', ', '.join(d + ' ' + m.version(d) for d in \
-	  ('torch', 'diffusers', 'transformers', 'kernels', 'deepspeed', 'bitsandbytes', 'triton') if any(m.distributions(name=d))))"
+	  ('torch', 'diffusers', 'transformers', 'kernels', 'deepspeed', 'bitsandbytes', 'triton', 'wandb') if any(m.distributions(name=d))))"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -99,7 +99,7 @@ def test_run_summary(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.eval_path': expected a prompt file or built-in set"):
         load_config("builtin:tiny", ["train.eval_every=5"])
-    with pytest.raises(ConfigError, match=r"output.report_to.*'jsonl', 'tensorboard', 'none'"):
-        load_config("builtin:tiny", ['output.report_to="wandb"'])
+    with pytest.raises(ConfigError, match=r"output.report_to.*'jsonl', 'tensorboard', 'wandb', 'none'"):
+        load_config("builtin:tiny", ['output.report_to="mlflow"'])
     with pytest.raises(ConfigError, match=r"'train.eval_every': expected an integer >= 0"):
         load_config("builtin:tiny", ["train.eval_every=-1"])

@@ -35,7 +35,12 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] == tuple[args[0], ...]:  # e.g. output.report_to: a name or a list of names
+            return f"{_type_name(args[0])}, or a list of them"
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "unset"
     return getattr(tp, "__name__", str(tp))
@@ -64,6 +69,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         finite = [e for e in errors if "finite" in str(e)]
         if finite:
             raise finite[0]  # the float branch's "expected a finite number" says more than the union's name
+        listed = [e for arg, e in zip((a for a in args if a is not type(None)), errors)
+                  if typing.get_origin(arg) is tuple and isinstance(value, (list, tuple))]
+        if listed:
+            raise listed[0]  # a list's own error names the bad entry ('output.report_to.1') and the choices
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):

@@ -4,6 +4,7 @@ expected and what was given. Derived values are properties, never written back."
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -58,7 +59,9 @@ class SamplerConfig:
     random_grad_steps: bool = False
     """AlignProp-style randomised truncation: each step draws K uniformly from 1..grad_steps."""
     switch_step: int | None = None
-    """Step index from which the trainable encoder's embeddings are used; None means num_steps - K."""
+    """Training (and evaluation during it): step index from which the trainable encoder's embeddings are used;
+    None means num_steps - K (the original encoder conditions the no-grad steps). `generate` and `evaluate` do not
+    read it: they take --switch-step, default 0, the tuned encoder at every step as in an exported pipeline."""
     draft_lv_samples: int = 0
     """DRaFT-LV: >0 re-noises the final sample this many times and backpropagates through one step each."""
     checkpoint: Literal["none", "step", "every_n", "auto"] = "step"
@@ -385,17 +388,44 @@ class OpsConfig:
                    "one of " + ", ".join(choices), self.compile_backend)
 
 
+Reporter = Literal["jsonl", "tensorboard", "wandb", "none"]
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "outputs/run"
     """Run folder: metrics.jsonl, checkpoints/, final text encoder."""
-    report_to: Literal["jsonl", "tensorboard", "none"] = "jsonl"
-    """Where metrics go: 'jsonl' (metrics.jsonl), 'tensorboard' (metrics.jsonl plus TensorBoard event files under
-    output.dir/tensorboard: every metric, and a picture grid at each evaluation; needs the tensorboard package),
-    'none' (nothing; resume then restarts the metric history)."""
+    report_to: Reporter | tuple[Reporter, ...] = "jsonl"
+    """Where metrics go, one name or a list (diffusers' spelling, e.g. ["tensorboard", "wandb"]): 'jsonl'
+    (metrics.jsonl, written with every choice but 'none'), 'tensorboard' (also event files under
+    output.dir/tensorboard: every metric, and a picture grid at each evaluation; needs the tensorboard extra),
+    'wandb' (also a Weights & Biases run under output.dir/wandb: every metric, the config, and the picture grid at
+    each evaluation; needs the wandb extra; WANDB_MODE=offline keeps it on disk, `wandb sync` uploads it later),
+    'none' (nothing; resume then restarts the metric history). Only rank 0 reports."""
+    wandb_project: str = "textcraftor-fast"
+    """W&B project of the run (report_to 'wandb'); the run is named after output.dir's folder."""
     overwrite: bool = False
     """Start a fresh run in a folder that already holds checkpoints (deleting them). Off by default so a
     forgotten --resume never destroys a run."""
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """report_to as a tuple."""
+        return (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+
+    def validate(self, prefix: str) -> None:
+        choices = typing.get_args(Reporter)
+        for i, name in enumerate(self.reporters):
+            key = f"{prefix}.report_to" if isinstance(self.report_to, str) else f"{prefix}.report_to.{i}"
+            _check(name in choices, key, "one of " + ", ".join(map(repr, choices)), name)
+        _check(len(self.reporters) >= 1, f"{prefix}.report_to", "a reporter name or a non-empty list of them",
+               self.report_to)
+        _check("none" not in self.reporters or len(self.reporters) == 1, f"{prefix}.report_to",
+               "'none' alone ('none' turns off every reporter, metrics.jsonl included)", self.report_to)
+        _check(len(set(self.reporters)) == len(self.reporters), f"{prefix}.report_to", "each reporter once",
+               self.report_to)
+        _check("wandb" not in self.reporters or bool(self.wandb_project), f"{prefix}.wandb_project",
+               "a W&B project name with report_to 'wandb'", self.wandb_project)
 
 
 def _default_rewards() -> tuple[RewardConfig, ...]:
@@ -419,7 +449,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(len(self.rewards) >= 1, "rewards", "at least one [[rewards]] entry", self.rewards)
-        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet", "encoder", "ops"):
+        for name in ("model", "sampler", "optim", "data", "train", "distributed", "unet", "encoder", "ops", "output"):
             getattr(self, name).validate(name)
         for i, reward in enumerate(self.rewards):
             reward.validate(f"rewards.{i}")

@@ -21,6 +21,12 @@ def tile(images: Tensor, rows: int) -> Tensor:
     return images.reshape(rows, n, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, n * w).clamp(0, 1)
 
 
+def scalar_tags(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics line under their logged tags: 'loss' -> 'train/loss', 'eval/reward' kept."""
+    return {key if "/" in key else f"train/{key}": value for key, value in metrics.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
 class TensorBoardWriter:
     """Scalars and images under `log_dir`; `purge_step` (a resumed run's step) drops events logged past it by the
     run that stopped, so a resumed curve has no doubled tail."""
@@ -35,9 +41,8 @@ class TensorBoardWriter:
         logger.info("TensorBoard event files in %s (tensorboard --logdir %s)", log_dir, log_dir)
 
     def scalars(self, metrics: dict[str, Any], step: int) -> None:
-        for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        for tag, value in scalar_tags(metrics).items():
+            self.writer.add_scalar(tag, value, step)
 
     def image_grid(self, tag: str, images: Tensor, step: int, rows: int) -> None:
         """images (rows * n, 3, H, W) in [0, 1] as one picture with `rows` rows."""

@@ -1,9 +1,10 @@
 """What a run returns (`TrainResult`) and reports: the run-summary block at start, metrics.jsonl (one line per
-logged step; a resume reads it back and drops the lines past its step), TensorBoard scalars and grids
-(output.report_to = "tensorboard"), and summary.json with the session's steps, samples/s, peak memory and best
-evaluation. Only rank 0 writes."""
+logged step; a resume reads it back and drops the lines past its step), TensorBoard and W&B scalars and grids
+(output.report_to = "tensorboard", "wandb" or a list of them), and summary.json with the session's steps, samples/s,
+peak memory and best evaluation. Only rank 0 writes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import ConfigError, OutputConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +35,23 @@ class TrainResult:
     """UNet stage: output_dir/unet_lora (diffusers LoRA: pipe.load_lora_weights) or output_dir/unet (full)."""
 
 
+def check_reporters(output: OutputConfig) -> None:
+    """Every reporter's package is importable (checked on every rank before any model loads), or a ConfigError
+    naming output.report_to and the extra that installs it."""
+    for name in output.reporters:
+        if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"config key 'output.report_to': {name!r} needs the {name} package, which is not "
+                              f"installed: pip install 'textcraftor-fast[{name}]' (or leave {name!r} out of "
+                              "output.report_to)")
+
+
 class RunLog:
-    def __init__(self, output_dir: Path, report_to: str, writes: bool) -> None:
-        self.output_dir, self.report_to, self.writes = output_dir, report_to, writes
+    def __init__(self, output_dir: Path, cfg: TrainConfig, writes: bool) -> None:
+        self.output_dir, self.cfg, self.writes = output_dir, cfg, writes
+        self.reporters = cfg.output.reporters
+        self.jsonl = writes and "none" not in self.reporters
         self.history: list[dict[str, Any]] = []
-        self.tensorboard = None
+        self.writers: list[Any] = []  # TensorBoardWriter, WandbWriter: scalars, image_grid, close
 
     @staticmethod
     def setup(cfg, world_size: int, stage: str, trained: int, timesteps: list[int], num_prompts: int,
@@ -62,19 +77,23 @@ class RunLog:
 
     def open(self, resumed_at: int | None, history_len: int | None) -> None:
         """Start this session's log: the history of a resumed run up to its checkpoint (`history_len` lines, or
-        `resumed_at` steps), metrics.jsonl rewritten to match, TensorBoard opened when asked for."""
+        `resumed_at` steps), metrics.jsonl rewritten to match, TensorBoard and W&B opened when asked for."""
         if resumed_at is not None:
             self.history = self.read()[: history_len if history_len is not None else resumed_at]
-        if self.writes and self.report_to != "none":
+        if self.jsonl:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.metrics_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
             tmp.replace(self.metrics_path)
-        if self.report_to == "tensorboard" and self.writes:
+        if self.writes and "tensorboard" in self.reporters:
             from ..reporting.tensorboard import TensorBoardWriter
 
-            self.tensorboard = TensorBoardWriter(self.output_dir / "tensorboard",
-                                                 purge_step=resumed_at + 1 if resumed_at is not None else None)
+            self.writers.append(TensorBoardWriter(self.output_dir / "tensorboard",
+                                                  purge_step=resumed_at + 1 if resumed_at is not None else None))
+        if self.writes and "wandb" in self.reporters:
+            from ..reporting.wandb import WandbWriter
+
+            self.writers.append(WandbWriter(self.output_dir, self.cfg.to_dict(), self.cfg.output.wandb_project))
 
     def read(self) -> list[dict[str, Any]]:
         p = self.metrics_path
@@ -83,15 +102,15 @@ class RunLog:
     def append(self, metrics: dict[str, Any], step: int) -> None:
         # One appended line per logged step: rewriting the file every step would be quadratic over a run.
         self.history.append(metrics)
-        if self.writes and self.report_to != "none":
+        if self.jsonl:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.scalars(metrics, step)
+        for writer in self.writers:
+            writer.scalars(metrics, step)
 
     def image_grid(self, tag: str, grid, step: int, rows: int) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.image_grid(tag, grid, step, rows=rows)
+        for writer in self.writers:
+            writer.image_grid(tag, grid, step, rows=rows)
 
     def summary(self, steps: int, first_step: int, samples: int, seconds: float,
                 device: torch.device) -> dict[str, Any]:
@@ -122,6 +141,5 @@ class RunLog:
         return summary
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+        while self.writers:
+            self.writers.pop().close()

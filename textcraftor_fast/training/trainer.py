@@ -43,7 +43,7 @@ from ..sampler import Embeddings, decode_latents, draft_lv_latents, make_schedul
 from . import checkpoints
 from .monitor import SpikeMonitor
 from .optim import build_optimizer, lr_factor
-from .run_log import RunLog, TrainResult
+from .run_log import RunLog, TrainResult, check_reporters
 from .signals import StopOnSignals
 from .stages import build_stage, checkpoint_files
 from .steppers import build_optimizer_step
@@ -57,8 +57,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg, self.step = cfg, 0
         self.output_dir = Path(cfg.output.dir)
-        # Before any model loads, so that a bad output.dir or resume target fails in milliseconds.
+        # Before any model loads, so that a bad output.dir, resume target or reporter package fails in milliseconds.
         checkpoints.check_writable(self.output_dir)
+        check_reporters(cfg.output)
         spec = cfg.train.resume_from_checkpoint
         self._resume_from = checkpoints.resolve_checkpoint(spec, self.output_dir, checkpoint_files(cfg)) if spec \
             else None
@@ -99,7 +100,7 @@ class Trainer:
         # own rows (`_noise`), and K is the same everywhere, so results do not depend on the rank count.
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919)
         self.py_random = random.Random(cfg.seed)
-        self.log = RunLog(self.output_dir, cfg.output.report_to, self.dist.is_main)
+        self.log = RunLog(self.output_dir, cfg, self.dist.is_main)
         self.log.setup(cfg, self.dist.world_size, self.stage.name, sum(p.numel() for p in self.params),
                        self.schedule.timesteps, len(prompts), self.device)
 
