@@ -84,7 +84,13 @@ TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; ec
 
 test: $(STAMP) $(OPEN_CLIP_WHEEL) ext-for-tests
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile \
-	  --no-loadscope-reorder --durations=15 --benchmark-disable -p no:cacheprovider tests benchmarks
+	  --no-loadscope-reorder --durations=15 --benchmark-disable -p no:cacheprovider --ignore=tests/faults tests benchmarks
+
+# Distributed faults (tests/faults/, docs/reliability.md): hung ranks, a rank killed while rank 0 writes a checkpoint,
+# two nodes on loopback, under torchrun and the deepspeed launcher. One test at a time (each launches two ranks and
+# times them against distributed.timeout_s); about 10 minutes on 2 cores. CI runs it after `make test`.
+test-faults: $(STAMP) ext-for-tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=0 -p no:cacheprovider tests/faults
 
 # The newest versions pyproject.toml allows (torch stays the machine's wheel), in a venv of their own, then the whole
 # suite: upgrades are tried on purpose, never by a fresh clone. When it is green, `make constraints` records them.

@@ -245,10 +245,14 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(
     assert "Signal 9" in err or "SIGKILL" in err or "exitcode  : -9" in err, err[-3000:]
     # The newest complete checkpoint resumes in one process (rank 0 wrote it; the kill cannot leave a partial
     # folder under a step-* name: checkpoints are renamed into place whole).
+    latest = _latest_step(tmp_path)  # read before the resume, which writes the next one
+    assert latest >= 2
     result = train(load_config("configs/tiny_random.toml", settings[1:] + [
         f'output.dir="{tmp_path}"', 'train.resume_from_checkpoint="latest"', "distributed.backend=none"]
-        + [f"train.steps={_latest_step(tmp_path) + 1}"]))
-    assert result.steps == _latest_step(tmp_path)
+        + [f"train.steps={latest + 1}"]))
+    # It resumed (one step trained this session, numbered after the checkpoint), not started over.
+    assert result.steps == latest + 1 and result.summary["steps_this_session"] == 1, result.summary
+    assert result.history[-1]["step"] == latest + 1 and _latest_step(tmp_path) == latest + 1
 
 
 def _latest_step(run: Path) -> int:

@@ -10,10 +10,15 @@ distributed.backend='deepspeed' its engine averages instead (deepspeed_engine.py
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,3 +100,134 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ hung and lost ranks
+# A collective that a rank never joins (stuck in compute, blocked outside any collective) or a rank that is gone (its
+# process or node died) fails on the other ranks after distributed.timeout_s (gloo and NCCL) or at once when the
+# connection closes. The library's error is many lines and names no culprit, so each rank also tells the launcher's
+# key-value store where it is (`Whereabouts.mark`, a few bytes per step), and the error says which ranks were
+# elsewhere when this one gave up.
+_KEY = "textcraftor/where/{}"
+_COMM_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused",
+                 "socket closed", "peer", "gloo", "nccl")
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed because another rank hung or left; the message is one line for the user."""
+
+
+class Whereabouts:
+    """Each rank's last reported place in the loop ('step 3: forward', 'checkpoint at step 2') and how many places it
+    has reported, in the launcher's store: the rank with the fewest is the one the others wait for."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info, self.store, self.last, self.count, self.since = info, None, "start-up", 0, time.monotonic()
+        if info.enabled and dist.is_initialized():
+            with contextlib.suppress(Exception):  # a private API: without it the errors just name no rank
+                self.store = dist.distributed_c10d._get_default_store()
+
+    def mark(self, where: str) -> None:
+        self.last, self.count, self.since = where, self.count + 1, time.monotonic()
+        if self.store is not None:
+            self.store.set(_KEY.format(self.info.rank), f"{self.count}|{where}")
+
+    def others(self) -> dict[int, tuple[int, str]]:
+        """(count, place) of every other rank that has reported."""
+        found: dict[int, tuple[int, str]] = {}
+        if self.store is None:
+            return found
+        with contextlib.suppress(Exception):  # a dead store host must not turn the error into a hang
+            self.store.set_timeout(datetime.timedelta(seconds=5))
+        for rank in range(self.info.world_size):
+            key = _KEY.format(rank)
+            with contextlib.suppress(Exception):
+                if rank != self.info.rank and self.store.check([key]):
+                    count, _, place = self.store.get(key).decode().partition("|")
+                    found[rank] = (int(count), place)
+        return found
+
+
+class Watchdog:
+    """Ends this rank with one line when it has made no progress (no `Whereabouts.mark`) for longer than
+    distributed.timeout_s: the process group's own timeout does not cover every wait (DeepSpeed's shared-memory
+    all-reduce on CPU spins with none). A rank that is ahead of another (waiting for it) goes first; one that is
+    behind or level (possibly the stuck one) waits `STUCK_GRACE_S` more, so the error comes from the ranks that
+    waited and names the one they waited for."""
+
+    STUCK_GRACE_S = 30.0
+
+    def __init__(self, where: Whereabouts, timeout_s: int) -> None:
+        self.where, self.timeout_s = where, timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="textcraftor-watchdog", daemon=True)
+
+    def __enter__(self) -> "Watchdog":
+        if self.where.store is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            idle = time.monotonic() - self.where.since
+            if idle <= self.timeout_s:
+                continue
+            others = self.where.others()
+            ahead = any(count < self.where.count for count, _ in others.values())
+            if not ahead and idle <= self.timeout_s + self.STUCK_GRACE_S:
+                continue
+            message = _failure_message(self.where.info, self.timeout_s, self.where, "no progress", others)
+            sys.stderr.write(f"textcraftor-fast: error: {message}\n")
+            sys.stderr.flush()
+            os._exit(1)  # a thread cannot interrupt a collective; the launcher ends the other ranks
+
+
+def _is_comm_failure(error: BaseException) -> bool:
+    if isinstance(error, CollectiveFailure):
+        return False
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(error, backend_error):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(word in text for word in _COMM_FAILURE)
+
+
+@contextlib.contextmanager
+def collectives_guarded(info: DistInfo, timeout_s: int, where: Whereabouts) -> Iterator[None]:
+    """Turn a collective's failure (a hung or lost rank) into a one-line `CollectiveFailure` naming
+    distributed.timeout_s and the ranks that were behind; everything else passes through unchanged. A `Watchdog`
+    covers the waits that have no timeout of their own."""
+    try:
+        with Watchdog(where, timeout_s):
+            yield
+    except RuntimeError as e:
+        if not info.enabled or not _is_comm_failure(e):
+            raise
+        raise CollectiveFailure(_failure_message(info, timeout_s, where, e, where.others())) from e
+
+
+def _failure_message(info: DistInfo, timeout_s: int, where: Whereabouts, error: BaseException | str,
+                     others: dict[int, tuple[int, str]]) -> str:
+    text = str(error).strip()
+    if error == "no progress":
+        what = f"made no progress for longer than distributed.timeout_s={timeout_s} s"
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        what = f"waited longer than distributed.timeout_s={timeout_s} s for the other ranks"
+    else:
+        what = ("lost its connection to another rank (its process ended or its node went down; a hung rank is "
+                f"given distributed.timeout_s={timeout_s} s)")
+    behind = {rank: place for rank, (count, place) in others.items() if count < where.count}
+    level = {rank: place for rank, (count, place) in others.items() if count >= where.count}
+    silent = [rank for rank in range(info.world_size) if rank != info.rank and rank not in others]
+    if behind:
+        culprits = "; ".join(f"rank {rank} was still at '{place}'" for rank, place in sorted(behind.items()))
+    elif silent:
+        culprits = f"rank(s) {', '.join(map(str, silent))} never reported"
+    else:
+        culprits = "; ".join(f"rank {rank} was at '{place}'" for rank, place in sorted(level.items()))
+    detail = f" [{text.splitlines()[0][:160]}]" if text and error != "no progress" else ""
+    return (f"rank {info.rank}: at '{where.last}' this rank {what}; {culprits}{detail}. The newest complete "
+            "checkpoint is intact: fix the rank or raise distributed.timeout_s, then run again with --resume latest")

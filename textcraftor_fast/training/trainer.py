@@ -35,7 +35,8 @@ from ..models.loading import load_components
 from ..models.text import encode, tokenize
 from ..ops.backend import apply_ops, resolve_backend
 from ..ops.speed import apply_speed_options
-from ..parallel.distributed import all_mean, barrier, device_type, init_distributed, shutdown, wrap_ddp
+from ..parallel.distributed import (Whereabouts, all_mean, barrier, collectives_guarded, device_type,
+                                    init_distributed, shutdown, wrap_ddp)
 from ..rewards import build_rewards, freeze
 from ..rewards.clip_tower import reward_vision_towers
 from ..rewards.shared_text import share_text_transformers
@@ -76,6 +77,7 @@ class Trainer:
         cfg = self.cfg
         kind = device_type(cfg.train.device)
         self.dist = init_distributed(cfg.distributed, kind)
+        self.where = Whereabouts(self.dist)  # named in the error when a collective fails on a hung or lost rank
         self.device = torch.device("cuda", self.dist.local_rank) if kind == "cuda" else torch.device("cpu")
         self.amp_dtype = _DTYPES[cfg.train.mixed_precision]
         # The same seed on every rank: what a stage initialises at random (LoRA's down projections) must be
@@ -207,10 +209,13 @@ class Trainer:
             prompts = self.stream.next_batch()
             self.last_prompts += prompts
             with self.optimizer_step.micro_batch(last=i == n - 1):
+                self.where.mark(f"step {self.step + 1}: forward")
                 loss, metrics = self.forward(prompts, k)
+                self.where.mark(f"step {self.step + 1}: backward (gradient all-reduce)")
                 self.optimizer_step.backward(loss, 1.0 / n)
             for key, v in metrics.items():
                 accum[key] = accum.get(key, 0.0) + v / n
+        self.where.mark(f"step {self.step + 1}: optimizer step and metrics")
         metrics = {key: all_mean(v, self.dist, self.device) for key, v in accum.items()}
         outcome = self.optimizer_step.finish(metrics["loss"], f"step {self.step + 1} (prompts: {self.last_prompts})")
         metrics.update(step=self.step + 1, k=k, grad_norm=outcome.grad_norm, skipped=int(outcome.skipped),
@@ -304,6 +309,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = checkpoints.checkpoints_dir(self.output_dir) / f"step-{self.step:06d}"
+        self.where.mark(f"checkpoint at step {self.step}")
         optimizer_state = self.optimizer_step.optimizer_state()  # a collective under DeepSpeed: every rank
         if self.dist.is_main:
             path = checkpoints.save_checkpoint(self.output_dir, self.step, self.stage.weights, optimizer_state,
@@ -321,6 +327,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
+        """Train to train.steps (resuming first when asked); a collective that fails on a hung or lost rank ends the
+        run with one line naming distributed.timeout_s and where the other ranks were."""
+        with collectives_guarded(self.dist, self.cfg.distributed.timeout_s, self.where):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
@@ -337,6 +349,7 @@ class Trainer:
             while self.step < cfg.steps and not self.stop.requested:
                 metrics = self.train_step()
                 self.step += 1
+                self.where.mark(f"after step {self.step} (logging, evaluation, checkpoint)")
                 nan_run = nan_run + 1 if metrics["skipped"] else 0
                 self._report(metrics, nan_run, spikes)
                 bar.update(1)
@@ -379,6 +392,7 @@ class Trainer:
         every = self.cfg.train.eval_every
         if self.evaluator is None or not (self.step % every == 0 or self.step == self.cfg.train.steps):
             return False
+        self.where.mark(f"evaluation at step {self.step}")
         if self.dist.is_main:
             found, grid = self.evaluator(*self.stage.evaluated())
             metrics.update(found)
