@@ -31,8 +31,12 @@ def main(argv: list[str]) -> None:
     trainer = None
     for name, stage, steps, *resume in jobs:
         folder = out / name
-        extra = [f"train.steps={steps}", "train.batch_size=1", "distributed.backend=deepspeed",
-                 f"distributed.zero_stage={stage}", f'output.dir="{folder}"']
+        # DS_WORKER_GLOBAL_BATCH: the global batch, split over the ranks (else 1 per rank); DS_WORKER_SET: more
+        # overrides, ';'-separated.
+        per_rank = int(os.environ.get("DS_WORKER_GLOBAL_BATCH", os.environ["WORLD_SIZE"])) // int(os.environ["WORLD_SIZE"])
+        more = [kv for kv in os.environ.get("DS_WORKER_SET", "").split(";") if kv]
+        extra = [f"train.steps={steps}", f"train.batch_size={per_rank}", "distributed.backend=deepspeed",
+                 f"distributed.zero_stage={stage}", f'output.dir="{folder}"', *more]
         if resume:
             extra.append(f'train.resume_from_checkpoint="{resume[0]}"')
         trainer = Trainer(load_config("configs/tiny_random.toml", BASE + extra))

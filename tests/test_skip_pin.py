@@ -62,11 +62,13 @@ def test_an_unlisted_skip_fails_the_session_and_a_listed_one_does_not(tmp_path, 
 
 
 def test_a_malformed_line_names_the_file_the_line_and_the_conditions(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from conftest import allowed_skips
-    finally:
-        sys.path.remove(str(ROOT))
+    import importlib.util
+
+    # By path: under pytest-xdist another folder's conftest may already be the module named 'conftest'.
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    allowed_skips = root_conftest.allowed_skips
     path = tmp_path / "allowed.txt"
     path.write_text("# comment\ncuda a.py::t\ngpu b.py::t\n")
     with pytest.raises(ValueError, match=r"allowed.txt:3: expected 'CONDITION NODEID' with CONDITION one of "

@@ -329,6 +329,7 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to train.steps (resuming first when asked); a collective that fails on a hung or lost rank ends the
         run with one line naming distributed.timeout_s and where the other ranks were."""
+        self.where.mark("resume and start-up")  # the watchdog counts idle time from here, not from the build
         with collectives_guarded(self.dist, self.cfg.distributed.timeout_s, self.where):
             return self._train()
 
