@@ -76,7 +76,7 @@ $(OPEN_CLIP_WHEEL): | $(BIN)/python
 	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
 # One pytest worker per core (pytest-xdist), a whole test file per worker (module fixtures are built once; the
-# torchrun tests share a port), files in collection order (tests/conftest.py puts the longest first; xdist's
+# launches each take a free port), files in collection order (tests/conftest.py puts the longest first; xdist's
 # default reorder by test count would start the one-test demo files last). Each worker pins one thread; runs that
 # set their own thread count (the demo's 2-thread check) wait passively instead of spinning while the other worker
 # holds a core.

@@ -1,10 +1,12 @@
-"""Run by tests/test_distributed.py under torchrun or the deepspeed launcher (not collected by pytest).
+"""Run by tests/test_distributed.py and tests/faults/test_rank_counts.py under torchrun or the deepspeed launcher
+(not collected by pytest).
 
 Usage: ds_worker.py OUT JOB [JOB ...], JOB = NAME:STAGE:STEPS[:CHECKPOINT]
 Trains the tiny random world once per JOB in ONE launch (imports and process-group set-up are most of a
 tiny run's time): ZeRO stage STAGE for STEPS steps in OUT/NAME, resuming from CHECKPOINT when given, and
 writes per rank the final encoder weights (OUT/NAME/rank<R>.safetensors), the optimizer-state bytes this
-rank holds and the loss history (OUT/NAME/rank<R>.json).
+rank holds and the loss history (OUT/NAME/rank<R>.json). DS_WORKER_GLOBAL_BATCH (environment): the global batch,
+split over the ranks (default 1 per rank); DS_WORKER_SET: more config overrides, ';'-separated.
 """
 import json
 import os
@@ -31,9 +33,8 @@ def main(argv: list[str]) -> None:
     trainer = None
     for name, stage, steps, *resume in jobs:
         folder = out / name
-        # DS_WORKER_GLOBAL_BATCH: the global batch, split over the ranks (else 1 per rank); DS_WORKER_SET: more
-        # overrides, ';'-separated.
-        per_rank = int(os.environ.get("DS_WORKER_GLOBAL_BATCH", os.environ["WORLD_SIZE"])) // int(os.environ["WORLD_SIZE"])
+        world = int(os.environ["WORLD_SIZE"])
+        per_rank = int(os.environ.get("DS_WORKER_GLOBAL_BATCH", world)) // world
         more = [kv for kv in os.environ.get("DS_WORKER_SET", "").split(";") if kv]
         extra = [f"train.steps={steps}", f"train.batch_size={per_rank}", "distributed.backend=deepspeed",
                  f"distributed.zero_stage={stage}", f'output.dir="{folder}"', *more]

@@ -11,11 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.faults.launch import free_port
+
+
+def _port() -> str:
+    """A free port for each launch (not torchrun's default 29500), so that launches can run side by side."""
+    return str(free_port())
+
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_and_save(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
-           "train", "--config", "configs/tiny_random.toml"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+           "-m", "textcraftor_fast.cli", "train", "--config", "configs/tiny_random.toml"]
     for kv in ["train.steps=2", "sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1",
                f"output.dir={tmp_path}", "train.progress_bar=false", "distributed.timeout_s=120"]:
         cmd += ["--set", kv]
@@ -78,7 +85,8 @@ def torchrun_runs(deepspeed_ready, reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
     shutil.copytree(reference["dir"], out / "resumed")  # the run folder holds the rest of the metrics history
     resume = out / "resumed" / "checkpoints" / "step-000002"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", WORKER, str(out), *JOBS,
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+             WORKER, str(out), *JOBS,
              f"resumed:2:4:{resume}"])
     return out
 
@@ -132,7 +140,7 @@ def test_zero_1_and_2_hold_half_the_optimizer_state_per_rank(torchrun_runs):
 @pytest.mark.slow
 def test_deepspeed_launcher_zero_0_1_2_equal_one_process(deepspeed_ready, reference, tmp_path):
     launcher = Path(sys.executable).parent / "deepspeed"
-    _launch([sys.executable, str(launcher), "--num_gpus", "2", "--master_port", "29631", WORKER, str(tmp_path),
+    _launch([sys.executable, str(launcher), "--num_gpus", "2", "--master_port", _port(), WORKER, str(tmp_path),
              *JOBS])
     _check_two_rank_runs(tmp_path, reference)
 
@@ -174,8 +182,8 @@ def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(t
     common = ["train.stage=unet", "train.steps=2", "sampler.num_steps=4", "sampler.grad_steps=2",
               "train.progress_bar=false", "data.max_prompts=8", "distributed.timeout_s=120"]
     train(load_config("configs/tiny_random.toml", common + ["train.batch_size=2", f'output.dir="{tmp_path / "one"}"']))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
-           "train", "--config", "configs/tiny_random.toml"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+           "-m", "textcraftor_fast.cli", "train", "--config", "configs/tiny_random.toml"]
     for kv in common + ["train.batch_size=1", f"output.dir={tmp_path / 'two'}"]:
         cmd += ["--set", kv]
     proc = _launch(cmd, timeout=300)
@@ -221,8 +229,8 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(
     settings = ["train.steps=200", "sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1",
                 "train.checkpointing_steps=1", "train.checkpoints_total_limit=2", "train.progress_bar=false",
                 "data.max_prompts=8", "distributed.timeout_s=30"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textcraftor_fast.cli",
-           "train", "--config", "configs/tiny_random.toml"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+           "-m", "textcraftor_fast.cli", "train", "--config", "configs/tiny_random.toml"]
     for kv in settings + [f"output.dir={tmp_path}"]:
         cmd += ["--set", kv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
