@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.faults.launch import free_port
+from tests.faults.launch import free_port, rank_pids
 
 
 def _port() -> str:
@@ -199,24 +199,6 @@ def test_unet_stage_on_two_ranks_equals_one_process_with_the_same_global_batch(t
     assert all(torch.equal(base[k], expected[k]) for k in base)
 
 
-def _rank_pids(parent: int, rank: str) -> list[int]:
-    """Descendants of `parent` whose environment says RANK=`rank` (torchrun's workers)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == parent:
-                found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc (Linux)")
 def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(tmp_path):
@@ -239,7 +221,7 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_the_last_checkpoint_loads(
         while not list((tmp_path / "checkpoints").glob("step-000002")) and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.5)
-        victims = _rank_pids(proc.pid, "1")
+        victims = rank_pids(proc.pid, 1)
         assert len(victims) == 1, f"rank 1's process not found among torchrun's children: {victims}"
         killed_at = time.time()
         os.kill(victims[0], signal.SIGKILL)

@@ -2,14 +2,15 @@
 happened: when the fault began, when each rank ended, what the checkpoints held."""
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.files import tree_hashes
+from textcraftor_fast.parallel.deepspeed_engine import _free_port as free_port
 
 ROOT = Path(__file__).parents[2]
 WORKER = str(ROOT / "tests" / "fault_worker.py")
@@ -17,12 +18,6 @@ TIMEOUT_S = 15
 SETTINGS = ["train.steps=6", "sampler.num_steps=4", "sampler.grad_steps=2", "train.batch_size=1",
             "train.checkpointing_steps=1", "train.progress_bar=false", "data.max_prompts=8",
             f"distributed.timeout_s={TIMEOUT_S}"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(marker: Path | None = None) -> dict[str, str]:
@@ -43,11 +38,7 @@ def launcher_command(launcher: str, nproc: int = 2) -> list[str]:
 
 def checkpoint_hashes(run: Path) -> dict[str, dict[str, str]]:
     """{step-NNNNNN: {file: sha256}} of every complete checkpoint folder."""
-    found = {}
-    for folder in sorted((run / "checkpoints").glob("step-*")):
-        found[folder.name] = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                              for p in sorted(folder.rglob("*")) if p.is_file()}
-    return found
+    return {folder.name: tree_hashes(folder) for folder in sorted((run / "checkpoints").glob("step-*"))}
 
 
 @dataclass
@@ -109,9 +100,8 @@ def resume_latest_one_process(run: Path, steps_more: int = 1):
         f"train.steps={latest + steps_more}"]))
 
 
-def rank_pids(launcher_pid: int, rank: int) -> list[int]:
-    """Descendants of the launcher whose environment says RANK=`rank`: that rank's worker, under torchrun or the
-    deepspeed launcher (Linux /proc; the workers may run in sessions of their own, so the tree is followed)."""
+def _processes() -> tuple[dict[int, int], dict[int, list[bytes]]]:
+    """({pid: parent pid}, {pid: environment entries}) of every process this user can read (Linux /proc)."""
     parents, envs = {}, {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -122,34 +112,30 @@ def rank_pids(launcher_pid: int, rank: int) -> list[int]:
         except OSError:
             continue
         parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents, envs
 
-    def descends(pid: int) -> bool:
-        while pid in parents and pid != launcher_pid:
-            pid = parents[pid]
-        return pid == launcher_pid
 
-    return [pid for pid, env in envs.items()
-            if pid != launcher_pid and f"RANK={rank}".encode() in env and b"FAULT_MARKER" in b"\0".join(env)
-            and descends(pid) and not any(parents.get(child) == pid for child in envs
-                                          if f"RANK={rank}".encode() in envs[child])]
+def _descendants(root: int, parents: dict[int, int]) -> set[int]:
+    found, grew = set(), True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in found | {root}} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def rank_pids(launcher_pid: int, rank: int) -> list[int]:
+    """The worker of `rank` under a launcher (torchrun or the deepspeed launcher): the deepest descendant whose
+    environment says RANK=`rank` (the workers may run in sessions of their own, so the tree is followed)."""
+    parents, envs = _processes()
+    ranked = {pid for pid in _descendants(launcher_pid, parents) if f"RANK={rank}".encode() in envs[pid]}
+    return sorted(pid for pid in ranked if not any(parents.get(child) == pid for child in ranked))
 
 
 def kill_tree(root: int) -> None:
     """SIGKILL `root` and every process descending from it (a launcher and the workers it started in sessions of
     their own), as a machine going down would end them."""
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    doomed, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
-        doomed |= more
-        grew = bool(more)
-    for pid in doomed:
+    for pid in {root} | _descendants(root, _processes()[0]):
         try:
             os.kill(pid, 9)
         except ProcessLookupError:

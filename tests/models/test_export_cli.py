@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.files import tree_hashes
 from textcraftor_fast import cli
 from textcraftor_fast.models import export_text_encoder, load_diffusers_folder, load_single_file, load_text_encoder
 from textcraftor_fast.tiny.world import WEIGHTS_DIR
@@ -108,13 +109,6 @@ def test_exporting_over_the_base_model_is_refused(tuned_dir, tmp_path, capsys):
     assert (base / "text_encoder" / "model.safetensors").read_bytes() == before
 
 
-def _hashes(folder):
-    import hashlib
-
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("layout,name", [("diffusers", "te"), ("pipeline", "pipe"), ("single_file", "te.safetensors")])
 def test_a_disk_full_export_gives_one_error_and_keeps_the_earlier_export(tuned_dir, tmp_path, monkeypatch, capsys,
                                                                            layout, name):
@@ -124,7 +118,7 @@ def test_a_disk_full_export_gives_one_error_and_keeps_the_earlier_export(tuned_d
 
     out = tmp_path / name
     assert _export(tuned_dir, out, "--layout", layout) == 0
-    earlier = _hashes(out) if out.is_dir() else out.read_bytes()
+    earlier = tree_hashes(out) if out.is_dir() else out.read_bytes()
     real = safetensors_torch.save_file
     calls = []
 
@@ -139,7 +133,7 @@ def test_a_disk_full_export_gives_one_error_and_keeps_the_earlier_export(tuned_d
     err = capsys.readouterr().err
     assert calls, "the fault was never injected: the export writes through another function"
     assert err.count("\n") == 1 and "No space left on device" in err and "the earlier export is unchanged" in err, err
-    assert (_hashes(out) if out.is_dir() else out.read_bytes()) == earlier  # byte for byte
+    assert (tree_hashes(out) if out.is_dir() else out.read_bytes()) == earlier  # byte for byte
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left beside it
 
 

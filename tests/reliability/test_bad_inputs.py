@@ -2,12 +2,11 @@
 traceback, and leaves the checkpoints already saved byte-for-byte unchanged."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.files import tree_hashes
 from textcraftor_fast import cli, load_config
 from textcraftor_fast.training.trainer import train
 
@@ -22,10 +21,6 @@ def precious(tmp_path_factory):
     out = tmp_path_factory.mktemp("precious")
     train(load_config(CONFIG, FAST + ["train.steps=1", f'output.dir="{out}"', "output.overwrite=true"]))
     return out
-
-
-def _hashes(folder):
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _files(tmp_path):
@@ -93,7 +88,7 @@ def _run(capsys, config, overrides, argv=()):
 
 @pytest.mark.parametrize("case,overrides,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line_and_loses_nothing(case, overrides, expected, precious, tmp_path, capsys):
-    before = _hashes(precious)
+    before = tree_hashes(precious)
     files = _files(tmp_path)
     extra = overrides(files) if callable(overrides) else overrides
     # Every case points at the precious run and asks to resume it: a bad input must not write there.
@@ -103,7 +98,7 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(case, overrides, expected
     assert rc == 2, err
     assert len(errors) == 1 and expected in errors[0], err
     assert "Traceback" not in err
-    assert _hashes(precious) == before
+    assert tree_hashes(precious) == before
 
 
 def test_toml_syntax_error_names_the_file_and_line(tmp_path, capsys):
@@ -128,10 +123,10 @@ def test_resume_from_a_corrupted_checkpoint_copy(precious, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(precious / "checkpoints" / "step-000001", copy)
     (copy / "state.json").write_text('{"step": 999}')
-    before = _hashes(precious)
+    before = tree_hashes(precious)
     rc, err = _run(capsys, CONFIG, [f'output.dir="{tmp_path / "out"}"'], ["--resume", str(copy)])
     assert rc == 2 and "is not intact: state.json" in err and "Traceback" not in err
-    assert _hashes(precious) == before
+    assert tree_hashes(precious) == before
 
 
 def test_non_utf8_lines_can_be_skipped_with_a_warning(tmp_path, caplog):

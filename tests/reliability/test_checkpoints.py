@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from tests.files import tree_hashes
 from textcraftor_fast.training import checkpoints as ck
 from textcraftor_fast import load_config
 from textcraftor_fast.training.trainer import train
@@ -33,15 +34,10 @@ def _save(out, step, enc=None):
     return ck.save_checkpoint(out, step, enc, opt, rng, {"data": {"epoch": 0}}, "seed = 0\n", keep=None)
 
 
-def _hashes(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
     path = _save(tmp_path, 1)
     entries = json.loads((path / "manifest.json").read_text())["files"]
-    on_disk = _hashes(path)
+    on_disk = tree_hashes(path)
     on_disk.pop("manifest.json")
     assert set(entries) == set(on_disk) and set(ck.REQUIRED) <= set(entries)
     for rel, digest in on_disk.items():
@@ -140,7 +136,7 @@ def test_a_manifest_naming_a_file_outside_the_folder_is_refused_before_reading_i
 
 def test_a_failed_save_leaves_earlier_checkpoints_untouched(tmp_path, monkeypatch):
     first = _save(tmp_path, 1)
-    before = _hashes(first)
+    before = tree_hashes(first)
     import textcraftor_fast.models as models
 
     def disk_full(*args, **kwargs):
@@ -150,13 +146,13 @@ def test_a_failed_save_leaves_earlier_checkpoints_untouched(tmp_path, monkeypatc
     for step in (1, 2):  # re-saving the same step, and a new one
         with pytest.raises(OSError, match="No space left"):
             _save(tmp_path, step)
-    assert _hashes(first) == before and ck.verify_checkpoint(first) is None
+    assert tree_hashes(first) == before and ck.verify_checkpoint(first) is None
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
 
 
 def test_a_resave_that_fails_at_the_rename_keeps_the_previous_version(tmp_path, monkeypatch):
     first = _save(tmp_path, 1)
-    before = _hashes(first)
+    before = tree_hashes(first)
     real = ck.os.replace
 
     def failing(src, dst):
@@ -168,7 +164,7 @@ def test_a_resave_that_fails_at_the_rename_keeps_the_previous_version(tmp_path, 
     with pytest.raises(OSError, match="Input/output error"):
         _save(tmp_path, 1, _tiny_encoder())
     monkeypatch.setattr(ck.os, "replace", real)
-    assert _hashes(first) == before and ck.verify_checkpoint(first) is None
+    assert tree_hashes(first) == before and ck.verify_checkpoint(first) is None
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
 
 
@@ -232,7 +228,7 @@ def test_a_disk_full_final_export_keeps_the_checkpoint_and_the_earlier_export(tm
             "sampler.num_steps=2", "--set", "sampler.grad_steps=1", "--set", "train.batch_size=1", "--set",
             "data.max_prompts=4", "--set", "train.progress_bar=false", "--set", "train.checkpointing_steps=1"]
     assert cli.main([*args, "--set", "train.steps=1"]) == 0
-    earlier = _hashes(tmp_path / "text_encoder")
+    earlier = tree_hashes(tmp_path / "text_encoder")
     real = export_module.save_text_encoder_folder
 
     def fills_the_disk(model, folder, dtype=None):
@@ -245,6 +241,6 @@ def test_a_disk_full_final_export_keeps_the_checkpoint_and_the_earlier_export(tm
     assert cli.main([*args, "--set", "train.steps=2", "--resume", "latest"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "step-000002' is intact" in err, err
-    assert _hashes(tmp_path / "text_encoder") == earlier  # the earlier export, byte for byte
+    assert tree_hashes(tmp_path / "text_encoder") == earlier  # the earlier export, byte for byte
     assert ck.verify_checkpoint(tmp_path / "checkpoints" / "step-000002") is None
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written export left
