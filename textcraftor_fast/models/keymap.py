@@ -2,7 +2,9 @@
 
 The original (CompVis/LDM) checkpoint holds the whole model in one flat dict:
 ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
-``cond_stage_model.transformer.text_model.*`` (CLIP text encoder).
+``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). SDXL files share the UNet and VAE layouts (its
+UNet adds ``label_emb``) and hold the same CLIP layout under another prefix; SD2.x/SDXL's OpenCLIP encoders and
+family detection are in ``keymap_families.py``.
 
 Reading uses diffusers' own converters (``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint``,
 what ``from_single_file`` runs) so we read exactly what diffusers reads; they are called directly because
@@ -57,12 +59,13 @@ def ldm_to_diffusers_vae(checkpoint: Mapping[str, torch.Tensor], config: Mapping
     return {k: v for k, v in out.items() if v is not None}
 
 
-def ldm_to_diffusers_clip(checkpoint: Mapping[str, torch.Tensor]) -> StateDict:
-    """`cond_stage_model.transformer.text_model.*` -> flattened CLIPTextModel keys (no `text_model.`)."""
+def ldm_to_diffusers_clip(checkpoint: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> StateDict:
+    """`<prefix>text_model.*` -> flattened CLIPTextModel keys (no `text_model.`); `prefix` is SD1.5's by default
+    (SDXL's encoder 1: `keymap_families.SDXL_CLIP_PREFIX`)."""
     out = {}
     for key, value in checkpoint.items():
-        if key.startswith(CLIP_PREFIX):
-            short = key[len(CLIP_PREFIX):].removeprefix("text_model.")
+        if key.startswith(prefix):
+            short = key[len(prefix):].removeprefix("text_model.")
             if short != CLIP_POSITION_IDS:
                 out[short] = value
     return out
@@ -87,6 +90,10 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    # SDXL's pooled-text + time-ids embedding (addition_embed_type "text_time"): the original's `label_emb`
+    # Sequential(Sequential(Linear, SiLU, Linear)), as diffusers' DIFFUSERS_TO_LDM_MAPPING names it.
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = {
     "norm1.": "in_layers.0.",
@@ -200,8 +207,10 @@ def diffusers_to_ldm_vae(state_dict: Mapping[str, torch.Tensor], num_up_blocks: 
     return out
 
 
-def diffusers_to_ldm_clip(state_dict: Mapping[str, torch.Tensor], max_positions: int) -> StateDict:
-    out = {CLIP_TEXT_PREFIX + k.removeprefix("text_model."): v for k, v in state_dict.items()}
+def diffusers_to_ldm_clip(state_dict: Mapping[str, torch.Tensor], max_positions: int,
+                          prefix: str = CLIP_PREFIX) -> StateDict:
+    text_prefix = prefix + "text_model."
+    out = {text_prefix + k.removeprefix("text_model."): v for k, v in state_dict.items()}
     # Written for fidelity with the original files (older loaders expect it); readers here drop it.
-    out[CLIP_TEXT_PREFIX + CLIP_POSITION_IDS] = torch.arange(max_positions, dtype=torch.int64)[None]
+    out[text_prefix + CLIP_POSITION_IDS] = torch.arange(max_positions, dtype=torch.int64)[None]
     return out

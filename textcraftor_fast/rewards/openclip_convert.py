@@ -251,6 +251,39 @@ def openclip_to_transformers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+_HF_BLOCK = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_QKV = re.compile(r"self_attn\.([qkv])_proj")
+
+
+def transformers_to_openclip(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `openclip_to_transformers`: transformers CLIPModel keys (or any subset of them, such as a
+    CLIPTextModelWithProjection's) -> open_clip names, q/k/v stacked back into `attn.in_proj_*`."""
+    direct = {v: k for k, v in _DIRECT.items()}
+    transposed = {v: k for k, v in _TRANSPOSED.items()}
+    block = {v: k for k, v in _BLOCK_MAP.items()}
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[str, Tensor]] = {}  # open_clip in_proj name -> {"q": ..., "k": ..., "v": ...}
+    for key, v in sd.items():
+        if key in direct:
+            out[direct[key]] = v
+        elif key in transposed:
+            out[transposed[key]] = v.t().contiguous()
+        elif (m := _HF_BLOCK.match(key)) and (m.group(3) in block or _HF_QKV.fullmatch(m.group(3))):
+            tower, i, module, param = m.groups()
+            base = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{i}"
+            if q := _HF_QKV.fullmatch(module):
+                qkv.setdefault(f"{base}.attn.in_proj_{param}", {})[q.group(1)] = v
+            else:
+                out[f"{base}.{block[module]}.{param}"] = v
+        else:
+            raise ConfigError(f"transformers key '{key}' has no open_clip equivalent")
+    for name, parts in qkv.items():
+        if len(parts) != 3:
+            raise ConfigError(f"open_clip's '{name}' stacks q, k and v; the state dict has only {sorted(parts)}")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
 def meta_openclip_state_dict(arch: OpenClipArch, with_text: bool = True) -> dict[str, Tensor]:
     """Meta tensors with open_clip's key names and shapes for `arch` (tests and docs; costs no memory)."""
     return {k: torch.empty(s, device="meta") for k, s in openclip_state_shapes(arch, with_text).items()}
