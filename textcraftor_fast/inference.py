@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .models.text import encode_prompts
+from .models.text import encode_empty_prompt, encode_prompts
 from .sampler import DDIMSchedule, Embeddings, make_schedule, sample_images
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,11 @@ def conditioning(original: nn.Module, tuned: Sequence[nn.Module], weights: Seque
     """(frozen, mixed): the original encoder's embeddings of `prompts` (and of ""), and the tuned encoders' mixed
     into them, `mix_embeddings(original, tuned, weights)` (None without tuned encoders). The unconditional embedding
     is mixed when `mix_uncond` (evaluation mixes it only where training tuned it: sampler.train_uncond)."""
-    frozen = Embeddings(encode_prompts(original, tokenizer, prompts), encode_prompts(original, tokenizer, [""]))
+    frozen = Embeddings(encode_prompts(original, tokenizer, prompts), encode_empty_prompt(original, tokenizer))
     if not tuned:
         return frozen, None
     cond = mix_embeddings(frozen.cond, [encode_prompts(e, tokenizer, prompts) for e in tuned], weights)
-    uncond = (mix_embeddings(frozen.uncond, [encode_prompts(e, tokenizer, [""]) for e in tuned], weights)
+    uncond = (mix_embeddings(frozen.uncond, [encode_empty_prompt(e, tokenizer) for e in tuned], weights)
               if mix_uncond else frozen.uncond)
     return frozen, Embeddings(cond, uncond)
 
@@ -148,7 +148,7 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     labelled contact sheet, `out_dir / GRID_NAME`.
     """
     from .models.loading import load_components
-    from .models import load_text_encoder
+    from .models import load_tuned_encoder
     from .models.lora import load_unet
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -157,7 +157,7 @@ def generate(model: ModelConfig, prompts: list[str], out_dir: str | Path, text_e
     opts = dataclasses.replace(opts, switch_step=resolve_switch_step(opts.switch_step, opts.num_steps))
     comp = load_components(model, seed=0)
     original = comp.text_encoder.to(dev).eval()
-    tuned = [load_text_encoder(p, config=original.config, base=original).to(dev).eval() for p in text_encoders]
+    tuned = [load_tuned_encoder(p, original).to(dev).eval() for p in text_encoders]
     if weights is None:
         weights = [opts.weight / max(len(tuned), 1)] * len(tuned)
     if len(weights) != len(tuned):

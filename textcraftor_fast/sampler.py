@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import SamplerConfig
 from .memory.layers import checkpoint_modules
+from .models.conditioner import unet_inputs
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> Tensor:
 
 @dataclass
 class Embeddings:
-    """Text conditioning for one batch: cond (B, L, D) and uncond (1 or B, L, D)."""
+    """Text conditioning for one batch: cond (B, L, D) and uncond (1 or B, L, D) (SDXL: packed with the pooled
+    embedding and time ids, models/conditioner.py)."""
 
     cond: Tensor
     uncond: Tensor
@@ -125,7 +127,7 @@ def cfg_model_outputs(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond: 
     """(uncond, cond) UNet predictions, batched into one UNet call."""
     b = x.shape[0]
     emb = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, L, D)
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample  # (2B, C, h, w)
+    out = unet(torch.cat([x, x]), t, **unet_inputs(unet, emb)).sample  # (2B, C, h, w)
     out_uncond, out_cond = out.chunk(2)
     return out_uncond, out_cond
 
@@ -134,7 +136,7 @@ def guided_model_output(unet: nn.Module, x: Tensor, t: int, cond: Tensor, uncond
                         guidance_scale: float) -> Tensor:
     """UNet prediction with CFG; cond and uncond batched into one UNet call."""
     if guidance_scale == 1.0:
-        return unet(x, t, encoder_hidden_states=cond).sample
+        return unet(x, t, **unet_inputs(unet, cond)).sample
     out_uncond, out_cond = cfg_model_outputs(unet, x, t, cond, uncond)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 

@@ -27,9 +27,17 @@ class ModelConfig:
     from `seed` (tests, smoke runs); a plugin's kind (the embedded tiny world's 'tiny_world'); or 'module:function'
     of a loader `f(model_config, seed) -> SDComponents` (textcraftor_fast.registry.MODEL_KINDS)."""
     path: str = ""
-    """A local diffusers folder, or one .safetensors/.ckpt file in the original SD1.5 layout (kind='pretrained')."""
+    """A local diffusers folder, or one .safetensors/.ckpt file in the original single-file layout (kind='pretrained')."""
+    family: Literal["auto", "sd15", "sd2", "sdxl"] = "auto"
+    """The model family (docs/model_families.md): 'auto' reads it off a diffusers folder's model_index.json or a single
+    file's keys; set, it must match what the path holds (an error names both). kind='tiny_random' builds tiny random
+    models of this family ('auto': sd15)."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """What the UNet predicts. 'auto': a diffusers folder's scheduler config; for a single file, the family's
+    published default (SD2.x: v_prediction, SD2.1 at 768 px; SD2.1-base at 512 px predicts epsilon and has the same
+    keys: set it). Said in the log."""
     resolution: int = 512
-    """Image side in pixels; the latent side is resolution // vae_scale_factor (8 for SD)."""
+    """Image side in pixels; the latent side is resolution // vae_scale_factor (8 for SD). SD2.1: 768; SDXL: 1024."""
     text_encoder_path: str = ""
     """Optional: a fine-tuned text encoder (diffusers folder or .safetensors) to start from instead of the model's own
     (train.stage='unet': the frozen encoder the UNet is tuned under, e.g. an encoder-stage run's text_encoder/)."""
@@ -216,6 +224,8 @@ class UNetConfig:
 
 # The CLIP text transformer's attention projections: what diffusers' DreamBooth-LoRA script adapts in a text encoder
 # (and what TexForce's released encoder LoRAs adapt); "fc1", "fc2" add the MLP.
+ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+"""The text encoders a model may have, by their diffusers folder names (SDXL has both)."""
 DEFAULT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -240,8 +250,15 @@ class EncoderConfig:
     def lora_alpha(self) -> float:
         return float(self.rank) if self.alpha is None else self.alpha
 
+    train: tuple[str, ...] = ()
+    """Which of the model's text encoders learn: 'text_encoder' and/or 'text_encoder_2' (SDXL's OpenCLIP ViT-bigG);
+    empty: all of them. The others stay frozen in the autocast dtype (docs/model_families.md)."""
+
     def validate(self, prefix: str) -> None:
         _check_lora(self, prefix, "CLIP module names such as " + str([*DEFAULT_ENCODER_LORA_TARGETS, "fc1", "fc2"]))
+        bad = [n for n in self.train if n not in ENCODER_NAMES]
+        _check(not bad and len(set(self.train)) == len(self.train), f"{prefix}.train",
+               f"a list of distinct names from {list(ENCODER_NAMES)} (empty: every encoder of the model)", list(self.train))
 
 
 @dataclass(frozen=True)

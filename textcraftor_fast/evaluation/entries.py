@@ -43,6 +43,8 @@ class Tuned:
             return cls(str(p) if "text_encoder" in lora_parts(p) else None, str(p), name=run_name(p))
         encoder = p / "text_encoder" if (p / "text_encoder" / "config.json").is_file() else (
             p if (p / "config.json").is_file() else None)
+        if (p / "text_encoder_2" / "config.json").is_file():  # SDXL: the folder holding its tuned encoders
+            encoder = p
         if encoder is None and find_encoder_lora(p) is not None:
             encoder = p
         try:

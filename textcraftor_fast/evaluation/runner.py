@@ -105,7 +105,7 @@ class _Evaluation:
 
     def __init__(self, config: TrainConfig, entries: Sequence[Tuned], out_dir: Path, opts: EvalOptions):
         from ..models.loading import load_components
-        from ..models import load_text_encoder
+        from ..models import load_tuned_encoder
         from ..models.lora import load_unet
         from ..rewards import build_rewards
         from ..sampler import make_schedule
@@ -121,7 +121,7 @@ class _Evaluation:
         self.vae = comp.vae.to(self.device).eval()
         self.original = comp.text_encoder.to(self.device).eval()
         # Per entry: its tuned encoder and its tuned UNet (a LoRA merged into a copy of the base), or None.
-        self.tuned = [load_text_encoder(e.text_encoder, config=comp.text_encoder.config, base=comp.text_encoder)
+        self.tuned = [load_tuned_encoder(e.text_encoder, comp.text_encoder)
                       .to(self.device).eval() if e.text_encoder else None for e in entries]
         self.unets = [load_unet(e.unet, comp.unet).to(self.device).eval() if e.unet else None for e in entries]
         self.guidance = opts.guidance_scale if opts.guidance_scale is not None else s.guidance_scale

@@ -15,6 +15,7 @@ SD15_CONFIG_DIR = Path(__file__).parent / "sd15"
 """Hand-written runwayml/stable-diffusion-v1-5 configs + the converted OpenAI CLIP tokenizer (no hub needed)."""
 
 COMPONENT_NAMES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""The sub-folders of an SD1.x / SD2.x diffusers folder; SDXL's add text_encoder_2/ and tokenizer_2/."""
 
 
 @dataclass
@@ -22,13 +23,17 @@ class SDComponents:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
+    """The module the UNet's conditioning comes from: a CLIPTextModel (SD1.x, SD2.x), or SDXL's two encoders as one
+    `SDXLConditioner` (models/conditioner.py; .text_encoder and .text_encoder_2)."""
     tokenizer: PreTrainedTokenizerBase
-    """A CLIP tokenizer (any transformers tokenizer with `model_max_length`)."""
+    """A CLIP tokenizer (any transformers tokenizer with `model_max_length`); SDXL: a `PairTokenizer` of both."""
     scheduler: DDIMScheduler
     """Built from the model's scheduler config (SD1.5: scaled_linear betas 0.00085..0.012, 1000 steps)."""
     base_text_encoder: CLIPTextModel | None = None
     """The model's own text encoder when model.text_encoder_path replaced `text_encoder` (loaders.load_components);
     the UNet stage conditions its unconditional and early-step embeddings on it, as evaluation and generate do."""
+    family: str = "sd15"
+    """'sd15', 'sd2' or 'sdxl' (models/families.py)."""
 
     @property
     def vae_scale_factor(self) -> int:

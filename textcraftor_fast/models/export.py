@@ -33,6 +33,7 @@ from ..atomic import replaced_atomically
 from . import keymap
 from .tensors import to_saveable
 from .components import SDComponents
+from .conditioner import PairTokenizer, SDXLConditioner, sub_encoders
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel
@@ -52,6 +53,19 @@ def _model_index(comp: SDComponents) -> dict:
     def entry(obj: object) -> list[str]:
         return [type(obj).__module__.split(".")[0], type(obj).__name__]
 
+    if isinstance(comp.text_encoder, SDXLConditioner):
+        # force_zeros_for_empty_prompt as the model had it: the pipeline's unconditional branch must stay the one
+        # the encoders were tuned under.
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": comp.text_encoder.force_zeros_for_empty_prompt,
+            "image_encoder": [None, None],
+            "scheduler": entry(comp.scheduler), "unet": entry(comp.unet), "vae": entry(comp.vae),
+            **{name: entry(part) for name, part in comp.text_encoder.encoders().items()},
+            "tokenizer": entry(comp.tokenizer.tokenizer), "tokenizer_2": entry(comp.tokenizer.tokenizer_2),
+        }
     # safety_checker/feature_extractor null so StableDiffusionPipeline.from_pretrained accepts the folder.
     return {
         "_class_name": "StableDiffusionPipeline",
@@ -75,8 +89,12 @@ def save_components(comp: SDComponents, folder: str | Path, dtype: torch.dtype |
     folder.mkdir(parents=True, exist_ok=True)
     _cast_copy(comp.unet, dtype).save_pretrained(folder / "unet")
     _cast_copy(comp.vae, dtype).save_pretrained(folder / "vae")
-    save_text_encoder_folder(comp.text_encoder, folder / "text_encoder", dtype)
-    comp.tokenizer.save_pretrained(folder / "tokenizer")
+    for name, encoder in sub_encoders(comp.text_encoder).items():
+        save_text_encoder_folder(encoder, folder / name, dtype)
+    tokenizers = ({"tokenizer": comp.tokenizer.tokenizer, "tokenizer_2": comp.tokenizer.tokenizer_2}
+                  if isinstance(comp.tokenizer, PairTokenizer) else {"tokenizer": comp.tokenizer})
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(folder / name)
     comp.scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(_model_index(comp), indent=2) + "\n")
     logger.info("Saved diffusers folder %s", folder)
@@ -115,9 +133,13 @@ def _save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path, dtype:
     return path
 
 
-def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The text encoder's state dict under `cond_stage_model.transformer.text_model.*` (original layout)."""
-    return keymap.diffusers_to_ldm_clip(text_encoder.state_dict(), text_encoder.config.max_position_embeddings)
+def text_encoder_to_ldm(text_encoder: CLIPTextModel, family: str = "sd15") -> dict[str, torch.Tensor]:
+    """The text encoder(s) in `family`'s original layout: `cond_stage_model.transformer.text_model.*` (SD1.x),
+    `cond_stage_model.model.*` (SD2.x, OpenCLIP names), `conditioner.embedders.0/1.*` (SDXL's conditioner)."""
+    from .keymap_families import write_text_encoders
+
+    parts = list(sub_encoders(text_encoder).values())
+    return write_text_encoders(family, [p.state_dict() for p in parts], parts[0].config.max_position_embeddings)
 
 
 def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -129,7 +151,7 @@ def to_single_file_state_dict(comp: SDComponents) -> dict[str, torch.Tensor]:
     """UNet + VAE + text encoder in the original SD1.5 single-file key layout."""
     sd = unet_to_ldm(comp.unet)
     sd.update(keymap.diffusers_to_ldm_vae(comp.vae.state_dict(), len(comp.vae.config.up_block_types)))
-    sd.update(text_encoder_to_ldm(comp.text_encoder))
+    sd.update(text_encoder_to_ldm(comp.text_encoder, comp.family))
     return sd
 
 
@@ -149,19 +171,24 @@ def _require_folder_name(out_path: Path, layout: str) -> None:
 
 def export_text_encoder(text_encoder: CLIPTextModel, out_path: str | Path,
                         layout: Literal["diffusers", "single_file"] = "diffusers",
-                        dtype: torch.dtype | None = None) -> Path:
+                        dtype: torch.dtype | None = None, family: str = "sd15") -> Path:
     """Export a (fine-tuned) text encoder.
 
     "diffusers": `out_path` becomes a text_encoder folder (config.json + model.safetensors via save_pretrained),
-    ready to replace `<sd folder>/text_encoder`. "single_file": `out_path` is a .safetensors holding only
-    `cond_stage_model.transformer.text_model.*` keys, mergeable into an original SD1.5 checkpoint.
+    ready to replace `<sd folder>/text_encoder`; for SDXL's conditioner a folder holding text_encoder/ and
+    text_encoder_2/. "single_file": `out_path` is a .safetensors holding only the text encoders' keys in `family`'s
+    original layout (SD1.x: `cond_stage_model.transformer.text_model.*`), mergeable into an original checkpoint.
     """
     out_path = Path(out_path)
-    if layout == "diffusers":
+    if layout == "diffusers" and isinstance(text_encoder, SDXLConditioner):
+        _require_folder_name(out_path, layout)
+        for name, encoder in text_encoder.encoders().items():  # what model.text_encoder_path takes for SDXL
+            save_text_encoder_folder(encoder, out_path / name, dtype)
+    elif layout == "diffusers":
         _require_folder_name(out_path, layout)
         save_text_encoder_folder(text_encoder, out_path, dtype)
     elif layout == "single_file":
-        _save_safetensors(text_encoder_to_ldm(text_encoder), out_path, dtype)
+        _save_safetensors(text_encoder_to_ldm(text_encoder, family), out_path, dtype)
     else:
         raise ValueError(f"layout must be one of 'diffusers', 'single_file'; got {layout!r}")
     logger.info("Exported text encoder (%s layout) to %s", layout, out_path)
@@ -169,7 +196,8 @@ def export_text_encoder(text_encoder: CLIPTextModel, out_path: str | Path,
 
 
 def _check_fits(base: SDComponents, text_encoder: CLIPTextModel) -> None:
-    width, expected = text_encoder.config.hidden_size, base.unet.config.cross_attention_dim
+    width = sum(e.config.hidden_size for e in sub_encoders(text_encoder).values())
+    expected = base.unet.config.cross_attention_dim
     if width != expected:
         raise ValueError(f"the tuned text encoder's hidden size is {width} but the base UNet's cross_attention_dim "
                          f"is {expected}: the encoder was tuned for another model; export it with the config "
@@ -304,9 +332,10 @@ def _write_export(base: SDComponents, text_encoder, out_path: Path, layout: Layo
     elif full:
         save_single_file(tuned, out_path, dtype)
     elif unet is None:
-        export_text_encoder(text_encoder, out_path, layout, dtype)
+        export_text_encoder(text_encoder, out_path, layout, dtype, base.family)
     elif layout == "single_file":
-        parts = {**(text_encoder_to_ldm(text_encoder) if text_encoder is not None else {}), **unet_to_ldm(unet)}
+        parts = {**(text_encoder_to_ldm(text_encoder, base.family) if text_encoder is not None else {}),
+                 **unet_to_ldm(unet)}
         _save_safetensors(parts, out_path, dtype)
         logger.info("Exported the tuned parts (single-file keys) to %s", out_path)
     else:
@@ -329,8 +358,7 @@ def export(config: TrainConfig, out: str | Path, text_encoder: str | Path | None
     again); `unet`: a UNet-stage result (a LoRA folder, a UNet folder, or a run/checkpoint folder holding unet_lora/
     or unet/), merged into the weights for every layout but 'lora'. The layout is checked, and `out` refused when it is the base
     model's own folder, before the base model loads."""
-    from .loading import load_components
-    from .loading import load_text_encoder
+    from .loading import load_components, load_tuned_encoder
     from .lora import load_unet
 
     if dtype not in EXPORT_DTYPES:
@@ -345,8 +373,7 @@ def export(config: TrainConfig, out: str | Path, text_encoder: str | Path | None
 
         lora = read_lora_for_export(str(text_encoder))
     comp = load_components(config.model, seed=config.seed)
-    encoder = lora if lora is not None or not text_encoder else load_text_encoder(
-        text_encoder, config=comp.text_encoder.config, base=comp.text_encoder)
+    encoder = lora if lora is not None or not text_encoder else load_tuned_encoder(text_encoder, comp.text_encoder)
     tuned_unet = load_unet(unet, comp.unet, merge=layout != "lora") if unet else None
     return export_tuned(comp, encoder, out, layout=layout, full=full, dtype=EXPORT_DTYPES[dtype],
                         timestep_spacing=config.sampler.timestep_spacing, unet=tuned_unet)

@@ -10,6 +10,7 @@ initialisation of 1B parameters and no second copy of the weights in memory.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from collections.abc import Callable, Mapping
@@ -21,6 +22,8 @@ import torch
 from ..registry import MODEL_KINDS, import_target
 from . import keymap
 from .components import COMPONENT_NAMES, SD15_CONFIG_DIR, SDComponents
+from .conditioner import PairTokenizer
+from .families import check_family, folder_family
 from .tensors import load_safetensors
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+TEXT_ROOTS = ("cond_stage_model.", "conditioner.")  # where original single files keep their text encoders
 StateDict = dict[str, torch.Tensor]
 
 
@@ -79,7 +83,7 @@ def check_keys(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tenso
     parts = [f"{label} keys: {_examples(keys)}" for label, keys in
              (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong)) if keys]
     raise ValueError(f"'{source}': the {what} weights do not match the expected architecture; "
-                     + "; ".join(parts) + ". Is this a Stable Diffusion 1.x checkpoint for this config?")
+                     + "; ".join(parts) + ". Is this a checkpoint of this model family and config (model.family, model.path)?")
 
 
 def _restore_position_ids(model: torch.nn.Module) -> None:
@@ -128,6 +132,13 @@ def load_tokenizer(folder: str | Path | None = None):
     # from_pretrained(folder), not CLIPTokenizer(vocab_file=..., merges_file=...): the latter silently gives
     # wrong ids in transformers 5.
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def family_tokenizer(folder: Path):
+    """`folder`'s tokenizer/, or SDXL's tokenizer/ + tokenizer_2/ as one PairTokenizer."""
+    if (folder / "tokenizer_2").is_dir():
+        return PairTokenizer(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"))
+    return load_tokenizer(folder / "tokenizer")
 
 
 def load_scheduler(folder: str | Path | None = None):
@@ -182,27 +193,72 @@ def text_encoder_from_state_dict(state_dict: Mapping[str, torch.Tensor], config:
     return load_into_meta_model(lambda: CLIPTextModel(config), sd, "text encoder", source, dtype)
 
 
-def load_single_file(path: str | Path, config_dir: str | Path | None = None,
-                     dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Load an original-layout SD checkpoint (.safetensors/.ckpt).
+def _text_encoders_from_ckpt(ckpt: StateDict, config_dir: Path, family: str, source: Path,
+                             dtype: torch.dtype) -> list[torch.nn.Module]:
+    """The file's text encoder(s), each built from config_dir's text_encoder[_2]/ config and loaded strictly."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    The architecture comes from `config_dir` (a diffusers-layout folder with unet/, vae/, text_encoder/
-    configs, e.g. a folder written by `save_components`); default: the shipped SD1.5 configs. The tokenizer
-    and scheduler come from its tokenizer/ and scheduler/ subfolders when present, else SD1.5's.
+    from .keymap_families import read_text_encoders
+
+    names = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    configs = [_clip_config(config_dir / n) for n in names]
+    try:
+        state_dicts = read_text_encoders(family, ckpt, [c.num_hidden_layers for c in configs])
+    except ValueError as e:
+        raise ValueError(f"'{source}': {e}") from None
+    classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    return [load_into_meta_model(lambda cls=cls, c=c: cls(c), sd, n.replace("_", " "), source, dtype)
+            for cls, c, sd, n in zip(classes, configs, state_dicts, names)]
+
+
+def load_single_file(path: str | Path, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                     family: str = "auto", prediction_type: str = "auto") -> SDComponents:
+    """Load an original-layout SD1.x, SD2.x or SDXL checkpoint (.safetensors/.ckpt).
+
+    The family comes from the file's keys (`keymap_families.detect_family`; `family`, unless 'auto', must match it).
+    The architecture comes from `config_dir` (a diffusers-layout folder with the configs, e.g. one written by
+    `save_components`); default: the family's shipped configs. The tokenizer(s) and scheduler come from its
+    tokenizer[_2]/ and scheduler/ subfolders when present, else the family's. SD2.1 (v) and SD2.1-base (epsilon) files
+    have the same keys: `prediction_type` 'auto' takes the config's (the shipped one: SD2.1's v_prediction) and the log
+    says which.
     """
+    from .conditioner import SDXLConditioner
+    from .families import CONFIG_DIRS
+    from .keymap_families import detect_family
+
     path = Path(path)
-    config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
-    _require_config_dir(config_dir)
     ckpt = read_state_dict(path)
-    clip_sd = {k: v for k, v in ckpt.items() if k.startswith(keymap.CLIP_PREFIX)}
-    comp = SDComponents(
-        unet=_unet_from_ckpt(ckpt, config_dir, path, dtype),
-        vae=_vae_from_ckpt(ckpt, config_dir, path, dtype),
-        text_encoder=text_encoder_from_state_dict(clip_sd, _clip_config(config_dir / "text_encoder"), path, dtype),
-        tokenizer=load_tokenizer(config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else None),
-        scheduler=load_scheduler(config_dir / "scheduler" if (config_dir / "scheduler").is_dir() else None),
-    )
-    logger.info("Loaded single-file checkpoint %s (architecture from %s)", path, config_dir)
+    if config_dir is not None and (Path(config_dir) / "model_index.json").is_file():
+        family = check_family(family, folder_family(Path(config_dir)), config_dir)
+    try:
+        found = check_family(family, detect_family(ckpt, path), path)
+    except ValueError:
+        if family == "auto" or any(k.startswith(TEXT_ROOTS) for k in ckpt):
+            raise
+        found = family  # no text encoder in the file at all: the strict load below names what is missing
+    shipped = CONFIG_DIRS[found]
+    config_dir = Path(config_dir) if config_dir is not None else shipped
+    _require_config_dir(config_dir)
+    unet = _unet_from_ckpt(ckpt, config_dir, path, dtype)
+    vae = _vae_from_ckpt(ckpt, config_dir, path, dtype)
+    encoders = _text_encoders_from_ckpt(ckpt, config_dir, found, path, dtype)
+    if found == "sdxl":
+        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        index = config_dir / "model_index.json"
+        zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+        encoder = SDXLConditioner(*encoders, (side, side), bool(zeros)).eval()
+    else:
+        encoder = encoders[0]
+    own = lambda name: config_dir / name if (config_dir / name).is_dir() else shipped / name
+    tokenizer = (PairTokenizer(load_tokenizer(own("tokenizer")), load_tokenizer(own("tokenizer_2"))) if found == "sdxl"
+                 else load_tokenizer(own("tokenizer")))
+    comp = SDComponents(unet=unet, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                        scheduler=load_scheduler(own("scheduler")), family=found)
+    comp = with_prediction_type(comp, prediction_type)
+    note = (" (SD2.1's; SD2.1-base predicts epsilon with the same keys: set model.prediction_type)"
+            if found == "sd2" and prediction_type == "auto" else "")
+    logger.info("Loaded %s single-file checkpoint %s (architecture from %s; %s prediction%s)", found, path,
+                config_dir, comp.scheduler.config.prediction_type, note)
     return comp
 
 
@@ -226,37 +282,51 @@ def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any):
     return model.eval()
 
 
-def load_diffusers_folder(folder: str | Path) -> SDComponents:
-    """Load a diffusers Stable Diffusion folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""
+def load_diffusers_folder(folder: str | Path, family: str = "auto") -> SDComponents:
+    """Load a diffusers Stable Diffusion folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/;
+    SDXL: + text_encoder_2/ tokenizer_2/) of the family model_index.json names (`family`, unless 'auto', must
+    match it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .conditioner import SDXLConditioner
 
     folder = Path(folder)
-    missing = [n for n in ("model_index.json",) if not (folder / n).is_file()]
-    missing += [f"{n}/" for n in COMPONENT_NAMES if not (folder / n).is_dir()]
-    if missing:
+    if not (folder / "model_index.json").is_file():
+        missing = ["model_index.json", *(f"{n}/" for n in COMPONENT_NAMES if not (folder / n).is_dir())]
         raise FileNotFoundError(
             f"'{folder}' is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} (expected "
-            f"model_index.json and {', '.join(n + '/' for n in COMPONENT_NAMES)}; or pass one "
-            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file in the original single-file layout)")
-    comp = SDComponents(
-        unet=_from_pretrained(UNet2DConditionModel, folder / "unet", "UNet", torch_dtype=torch.float32),
-        vae=_from_pretrained(AutoencoderKL, folder / "vae", "VAE", torch_dtype=torch.float32),
-        text_encoder=_from_pretrained(CLIPTextModel, folder / "text_encoder", "text encoder", dtype=torch.float32),
-        tokenizer=load_tokenizer(folder / "tokenizer"),
-        scheduler=load_scheduler(folder / "scheduler"),
-    )
-    logger.info("Loaded diffusers folder %s", folder)
+            f"model_index.json and {', '.join(n + '/' for n in COMPONENT_NAMES)}, and SDXL's text_encoder_2/ "
+            f"tokenizer_2/; or pass one {'/'.join(SINGLE_FILE_SUFFIXES)} file in the original single-file layout)")
+    found = check_family(family, folder_family(folder), folder)
+    names = [*COMPONENT_NAMES, *(("text_encoder_2", "tokenizer_2") if found == "sdxl" else ())]
+    missing = [f"{n}/" for n in names if not (folder / n).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"'{folder}' is not a complete diffusers {found} folder: missing {', '.join(missing)} "
+                                f"(expected model_index.json and {', '.join(n + '/' for n in names)})")
+    encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder", "text encoder", dtype=torch.float32)
+    unet = _from_pretrained(UNet2DConditionModel, folder / "unet", "UNet", torch_dtype=torch.float32)
+    vae = _from_pretrained(AutoencoderKL, folder / "vae", "VAE", torch_dtype=torch.float32)
+    if found == "sdxl":
+        encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", "text encoder 2",
+                                     dtype=torch.float32)
+        index = json.loads((folder / "model_index.json").read_text())
+        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        encoder = SDXLConditioner(encoder, encoder_2, (side, side),
+                                  bool(index.get("force_zeros_for_empty_prompt", True))).eval()
+    comp = SDComponents(unet=unet, vae=vae, text_encoder=encoder, tokenizer=family_tokenizer(folder),
+                        scheduler=load_scheduler(folder / "scheduler"), family=found)
+    logger.info("Loaded diffusers %s folder %s (%s prediction)", found, folder, comp.scheduler.config.prediction_type)
     return comp
 
 
-def load_pretrained(path: str | Path) -> SDComponents:
-    """A diffusers folder, or one original-layout file with the shipped SD1.5 architecture."""
+def load_pretrained(path: str | Path, family: str = "auto", prediction_type: str = "auto") -> SDComponents:
+    """A diffusers folder, or one original-layout file with the shipped architecture of its family."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers_folder(path)
+        return with_prediction_type(load_diffusers_folder(path, family), prediction_type)
     if path.is_file():
-        return load_single_file(path)
+        return load_single_file(path, family=family, prediction_type=prediction_type)
     raise FileNotFoundError(f"model path '{path}' does not exist (expected a diffusers folder with model_index.json, "
                             f"or one {'/'.join(SINGLE_FILE_SUFFIXES)} file)")
 
@@ -266,7 +336,16 @@ def load_pretrained_kind(cfg, seed: int = 0) -> SDComponents:
     if not cfg.path:
         raise ValueError("model.path is empty: set it to a diffusers folder or a .safetensors/.ckpt file "
                          "when model.kind='pretrained'")
-    return load_pretrained(cfg.path)
+    return load_pretrained(cfg.path, cfg.family, cfg.prediction_type)
+
+
+def with_prediction_type(comp: SDComponents, prediction_type: str) -> SDComponents:
+    """`comp` with its scheduler predicting `prediction_type` ('auto': as loaded)."""
+    if prediction_type not in ("auto", comp.scheduler.config.prediction_type):
+        logger.info("Prediction type %s (model.prediction_type; the model's scheduler config says %s)",
+                    prediction_type, comp.scheduler.config.prediction_type)
+        comp.scheduler = type(comp.scheduler).from_config(comp.scheduler.config, prediction_type=prediction_type)
+    return comp
 
 
 def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
@@ -276,14 +355,49 @@ def load_components(cfg: ModelConfig, seed: int = 0) -> SDComponents:
     .safetensors/.ckpt of the SD1.5 architecture; 'tiny_random': `build_tiny_random(seed)`; a plugin's, e.g. the
     tiny world's 'tiny_world') or the 'module:function' of a loader `f(cfg, seed) -> SDComponents`."""
     target = MODEL_KINDS.get(cfg.kind).loader if ":" not in cfg.kind else cfg.kind
-    comp = import_target(target, "model kind")(cfg, seed)
+    comp = with_prediction_type(import_target(target, "model kind")(cfg, seed), cfg.prediction_type)
+    if hasattr(comp.text_encoder, "set_image_size"):  # SDXL: micro-conditioning on the size sampled at
+        comp.text_encoder.set_image_size(cfg.resolution)
     if cfg.text_encoder_path:
-        # The override must fit the base model's architecture, so its config is the base encoder's.
         comp.base_text_encoder = comp.text_encoder
-        comp.text_encoder = load_text_encoder(cfg.text_encoder_path, config=comp.text_encoder.config,
-                                              base=comp.text_encoder)
+        comp.text_encoder = load_tuned_encoder(cfg.text_encoder_path, comp.text_encoder)
         logger.info("Replaced the text encoder with %s", cfg.text_encoder_path)
     return comp
+
+
+def load_tuned_encoder(path: str | Path, base: torch.nn.Module) -> torch.nn.Module:
+    """A tuned replacement for `base` (the model's own encoder, whose architecture it must have): `load_text_encoder`
+    for one encoder; for SDXL's conditioner, a folder holding text_encoder/ and/or text_encoder_2/ (a run's folder
+    or an export), each replacing that encoder (one it lacks stays the base's)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .conditioner import SDXLConditioner
+
+    if not isinstance(base, SDXLConditioner):
+        # The override must fit the base model's architecture, so its config is the base encoder's.
+        return load_text_encoder(path, config=base.config, base=base)
+    folder = Path(path)
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    if (folder / "config.json").is_file():  # one encoder's own folder: which one, its config's class says
+        arch = (json.loads((folder / "config.json").read_text()).get("architectures") or [""])[0]
+        name = "text_encoder_2" if arch == "CLIPTextModelWithProjection" else "text_encoder"
+        tuned = {name: _from_pretrained(classes[name], folder, name.replace("_", " "), dtype=torch.float32)}
+        return _replaced_checked(base, tuned, folder)
+    found = [n for n in base.encoders() if (folder / n / "config.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"'{folder}' holds neither text_encoder/ nor text_encoder_2/ with a config.json: "
+                                "an SDXL model's tuned encoders are given as a folder holding one or both "
+                                "(a run's output.dir, or a pipeline export)")
+    tuned = {n: _from_pretrained(classes[n], folder / n, n.replace("_", " "), dtype=torch.float32) for n in found}
+    return _replaced_checked(base, tuned, folder)
+
+
+def _replaced_checked(base: Any, tuned: dict[str, torch.nn.Module], source: Path) -> torch.nn.Module:
+    """`base` with `tuned`'s encoders, each checked to have its base encoder's architecture."""
+    for name, model in tuned.items():
+        expected = {k: v.shape for k, v in getattr(base, name).state_dict().items()}
+        check_keys(expected, model.state_dict(), name.replace("_", " "), source)
+    return base.replaced(**tuned)
 
 
 # ---------------------------------------------------------------------------------------------------------

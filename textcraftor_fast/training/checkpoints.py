@@ -53,29 +53,41 @@ class Weights(Protocol):
     def load(self, folder: Path) -> None: ...
 
 
+def encoder_files(names: tuple[str, ...] = ("text_encoder",)) -> tuple[str, ...]:
+    """The files the text-encoder stage's checkpoint holds for the trained encoders `names`."""
+    return tuple(f"{n}/{f}" for n in names for f in ("model.safetensors", "config.json"))
+
+
 class EncoderWeights:
-    """The text-encoder stage's weights: text_encoder/ in the diffusers layout."""
+    """The text-encoder stage's weights: text_encoder/ (and SDXL's text_encoder_2/) of each trained encoder, in the
+    diffusers layout. `names` picks the encoders of `text_encoder` (a CLIPTextModel or SDXL's conditioner)."""
 
-    files = REQUIRED[:2]
+    def __init__(self, text_encoder: torch.nn.Module, names: tuple[str, ...] = ("text_encoder",)) -> None:
+        from ..models.conditioner import sub_encoders
 
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
-        self.text_encoder = text_encoder
+        self.encoders = {n: sub_encoders(text_encoder)[n] for n in names}
+        self.files = encoder_files(names)
 
     def save(self, folder: Path) -> None:
         from ..models import export_text_encoder
 
-        export_text_encoder(self.text_encoder, folder / "text_encoder", layout="diffusers")
+        for name, encoder in self.encoders.items():
+            export_text_encoder(encoder, folder / name, layout="diffusers")
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         from ..models.keymap import clip_state_dict_any_layout
 
-        weights = folder / "text_encoder" / "model.safetensors"
-        result = self.text_encoder.load_state_dict(clip_state_dict_any_layout(load_file(str(weights))), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"checkpoint '{weights}' does not match the text encoder: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        for name, encoder in self.encoders.items():
+            weights = folder / name / "model.safetensors"
+            state = load_file(str(weights))
+            if set(state) != set(encoder.state_dict()):  # CLIPTextModel: saved prefixed, flattened in memory
+                state = clip_state_dict_any_layout(state)
+            result = encoder.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"checkpoint '{weights}' does not match the {name.replace('_', ' ')}: missing "
+                                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def _weights(model: torch.nn.Module | Weights) -> Weights:

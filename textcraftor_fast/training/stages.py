@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import replaced_atomically
-from .checkpoints import COMMON, REQUIRED, EncoderWeights, Weights
+from ..config import ConfigError
+from ..models.conditioner import SDXLConditioner, sub_encoders
+from .checkpoints import COMMON, EncoderWeights, Weights, encoder_files
 from ..models.adapters import LORA_WEIGHTS, AdaptersDisabled
 from ..models.encoder_lora import LORA_DIR as ENCODER_LORA_DIR, load_encoder_lora_state, save_encoder_lora
 from ..models.lora import UNET_WEIGHTS, load_lora_state, save_lora
@@ -51,9 +53,12 @@ ENCODER_LORA_FILES = (f"{ENCODER_LORA_DIR}/{LORA_WEIGHTS}",)
 
 def checkpoint_files(cfg: TrainConfig) -> tuple[str, ...]:
     """Every file a checkpoint of this config's stage must hold besides the manifest (known before any model is
-    built, so that a resume target is checked in milliseconds)."""
+    built, so that a resume target is checked in milliseconds; SDXL with encoder.train empty trains both encoders
+    and the loaded stage checks text_encoder_2/ too)."""
     if cfg.train.stage == "text_encoder":
-        return REQUIRED if cfg.encoder.method == "full" else (*ENCODER_LORA_FILES, *COMMON)
+        if cfg.encoder.method == "lora":
+            return (*ENCODER_LORA_FILES, *COMMON)
+        return (*encoder_files(cfg.encoder.train or ("text_encoder",)), *COMMON)
     return (*(LORA_FILES if cfg.unet.method == "lora" else FULL_UNET_FILES), *COMMON)
 
 
@@ -120,26 +125,54 @@ class _LoraWeights:
         self._load_fn(self.model, folder / self.name)
 
 
+def trained_encoder_names(train: tuple[str, ...], encoder: nn.Module) -> tuple[str, ...]:
+    """encoder.train resolved against the model's encoders (empty: all of them); a name the model lacks is a
+    ConfigError naming the key and what the model has."""
+    have = tuple(sub_encoders(encoder))
+    missing = [n for n in train if n not in have]
+    if missing:
+        raise ConfigError(f"config key 'encoder.train': {missing} not among this model's text encoders {list(have)} "
+                          "(text_encoder_2 is SDXL's; empty trains every encoder)")
+    return tuple(train) or have
+
+
 class TextEncoderStage(Stage):
     name = "text encoder"
 
-    def __init__(self, comp: SDComponents, device: torch.device, cast: dict) -> None:
+    def __init__(self, comp: SDComponents, device: torch.device, cast: dict, train: tuple[str, ...] = ()) -> None:
         # Frozen towers are stored in the autocast dtype: they never update, so fp32 copies would only cost memory
-        # and a cast per call. The trainable encoder keeps fp32 master weights.
+        # and a cast per call. The trained encoders keep fp32 master weights; on SDXL an encoder that does not train
+        # is frozen like a tower and shared with the original (held once).
         self.unet = self.base_unet = freeze(comp.unet).to(device, **cast)
-        self.text_encoder = self.trainable = comp.text_encoder.to(device).float().train()
-        self.text_encoder.requires_grad_(True)
-        self.original_encoder = freeze(copy.deepcopy(self.text_encoder)).to(**cast)
-        self.weights = EncoderWeights(self.text_encoder)
+        encoder = comp.text_encoder.to(device).float().train()
+        self.trained = trained_encoder_names(train, encoder)
+        parts = sub_encoders(encoder)
+        for name, part in parts.items():
+            if name in self.trained:
+                part.requires_grad_(True)
+            else:
+                freeze(part).to(**cast)
+        self.text_encoder = self.trainable = encoder
+        if isinstance(encoder, SDXLConditioner):
+            originals = {n: freeze(copy.deepcopy(parts[n])).to(**cast) for n in self.trained}
+            self.original_encoder = freeze(encoder.replaced(**originals))
+            logger.info("Text-encoder stage (SDXL): training %s; %s frozen", " and ".join(self.trained),
+                        " and ".join(n for n in parts if n not in self.trained) or "none")
+        else:
+            self.original_encoder = freeze(copy.deepcopy(encoder)).to(**cast)
+        self.weights = EncoderWeights(encoder, self.trained)
 
     def export(self, output_dir: Path, write: bool = True) -> dict[str, Path]:
-        final = output_dir / ENCODER_DIR
+        """text_encoder/ (and SDXL's text_encoder_2/) of each trained encoder. The returned 'text_encoder' is what
+        model.text_encoder_path takes: the text_encoder/ folder, or for SDXL the folder holding both."""
+        parts = sub_encoders(self.text_encoder)
         if write:
             from ..models import export_text_encoder
 
-            with replaced_atomically(final) as tmp:
-                export_text_encoder(self.text_encoder, tmp, layout="diffusers")
-        return {"text_encoder": final}
+            for name in self.trained:
+                with replaced_atomically(output_dir / name) as tmp:
+                    export_text_encoder(parts[name], tmp, layout="diffusers")
+        return {"text_encoder": output_dir if isinstance(self.text_encoder, SDXLConditioner) else output_dir / ENCODER_DIR}
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
         return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts,
@@ -159,6 +192,9 @@ class EncoderLoraStage(TextEncoderStage):
         from ..models.encoder_lora import add_encoder_lora
 
         e = cfg.encoder
+        if isinstance(comp.text_encoder, SDXLConditioner):
+            raise ConfigError("config key 'encoder.method': expected 'full' for an SDXL model (LoRA on SDXL's two "
+                              "encoders is not built yet); choose the encoders that learn with encoder.train")
         self.unet = self.base_unet = freeze(comp.unet).to(device, **cast)
         encoder = comp.text_encoder.to(device).float().train()
         n = add_encoder_lora(encoder, e.rank, e.lora_alpha, e.target_modules, e.init)
@@ -271,7 +307,7 @@ def build_stage(cfg: TrainConfig, comp: SDComponents, device: torch.device, cast
     if cfg.train.stage == "text_encoder":
         if cfg.encoder.method == "lora":
             return EncoderLoraStage(comp, device, cast, cfg)
-        return TextEncoderStage(comp, device, cast)
+        return TextEncoderStage(comp, device, cast, cfg.encoder.train)
     if cfg.train.stage == "unet":
         return UNetStage(comp, device, cast, cfg)
     raise ValueError(f"train.stage must be one of 'text_encoder', 'unet'; got {cfg.train.stage!r}")

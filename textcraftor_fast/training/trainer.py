@@ -32,7 +32,8 @@ from ..memory.layers import checkpoint_each_layer
 from ..memory.policy import MemoryPlan, StepProbe, apply_memory_policy, training_state_bytes
 from ..models.components import drop_vae_encoder
 from ..models.loading import load_components
-from ..models.text import encode, tokenize
+from ..models.conditioner import sub_encoders, zeroes_empty_prompt
+from ..models.text import encode, encode_empty, tokenize
 from ..ops.backend import apply_ops, resolve_backend
 from ..ops.speed import apply_speed_options
 from ..parallel.distributed import (Whereabouts, all_mean, barrier, collectives_guarded, device_type,
@@ -121,8 +122,9 @@ class Trainer:
         logger.info("Freed the VAE encoder (%.0f MiB): training only decodes", drop_vae_encoder(comp.vae) / 2**20)
         self.vae = freeze(comp.vae).to(self.device, **cast)
         self.rewards = build_rewards(self.cfg.rewards, self.device, **cast)
-        # A reward tower whose text transformer is the original encoder's (SD1.5's is CLIP ViT-L/14's) uses it.
-        share_text_transformers(self.original_encoder, self.rewards)
+        # A reward tower whose text transformer is the original encoder's (SD1.5's, and SDXL's encoder 1, is CLIP
+        # ViT-L/14's) uses it.
+        share_text_transformers(sub_encoders(self.original_encoder)["text_encoder"], self.rewards)
         self.params = [p for p in self.stage.trainable.parameters() if p.requires_grad]
         self.schedule = make_schedule(comp.scheduler.config, self.cfg.sampler.num_steps, self.cfg.sampler.eta,
                                       self.cfg.sampler.timestep_spacing)
@@ -130,7 +132,13 @@ class Trainer:
         self.latent_shape = (self.unet.config.in_channels, side, side)
         self.uncond_ids = tokenize(self.tokenizer, [""], self.device)
         with torch.no_grad():
-            self.frozen_uncond = encode(self.original_encoder, self.uncond_ids)
+            self.frozen_uncond = encode_empty(self.original_encoder, self.uncond_ids)
+        # SDXL base's unconditional embedding is zeros (force_zeros_for_empty_prompt), in training as in every
+        # pipeline that samples the tuned model: nothing produces it, so there is nothing to train.
+        self.train_uncond = self.cfg.sampler.train_uncond and not zeroes_empty_prompt(self.text_encoder)
+        if self.cfg.sampler.train_uncond and not self.train_uncond:
+            logger.info("sampler.train_uncond has no effect here: the model zeroes the empty prompt's embedding "
+                        "(force_zeros_for_empty_prompt), so the unconditional branch is zeros, as in its pipeline")
 
     def _apply_ops(self) -> None:
         """Kernel swaps, after freeze/cast: swapped modules share the frozen, cast parameters."""
@@ -253,9 +261,9 @@ class Trainer:
     def _trained_embeddings(self, ids: Tensor) -> Embeddings:
         """cond (and uncond when trained) from ONE call of the trained encoder: DDP and DeepSpeed's ZeRO-2 hooks
         expect one forward and one backward per micro-batch (diffusers#3342)."""
-        if not self.cfg.sampler.train_uncond:
+        if not self.train_uncond:
             return Embeddings(encode(self.encoder, ids), self.frozen_uncond)
-        both = encode(self.encoder, torch.cat([ids, self.uncond_ids]))  # (B + 1, 77, D)
+        both = encode(self.encoder, torch.cat([ids, self.uncond_ids]))  # (B + 1, L, D)
         return Embeddings(both[: len(ids)], both[len(ids):])
 
     def _rows(self, n: int) -> int:
