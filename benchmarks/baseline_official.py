@@ -77,14 +77,16 @@ def apply_official_recipe(trainer: Trainer) -> dict[str, int]:
     return counts
 
 
-def official_trainer(config: str, overrides: Sequence[str] = ()) -> Trainer:
-    """A Trainer running the official step on the models, rewards and prompts `config` + `overrides` name."""
+def official_trainer(config: str, overrides: Sequence[str] = (), after: Sequence[str] = ()) -> Trainer:
+    """A Trainer running the official step on the models, rewards and prompts `config` + `overrides` name; `after`
+    overrides the official choices (a benchmark holding both arms to one precision: 'train.mixed_precision=bf16',
+    where an fp32 SDXL UNet and its gradient would not fit)."""
     # Our engine's savings stay out (module docstring): with our heap trims this SD1.5 step peaked 0.35 GiB lower
     # (VmHWM over two steps, 2 threads: 15.83 GiB against 16.18 without).
     with mock.patch("textcraftor_fast.training.trainer.drop_vae_encoder", lambda vae: 0), \
             mock.patch("textcraftor_fast.training.trainer.share_text_transformers", lambda encoder, rewards: {}), \
             mock.patch("textcraftor_fast.training.trainer.trims_pay_off", lambda device, *models: False):
-        trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES]))
+        trainer = Trainer(load_config(config, [*overrides, *OFFICIAL_OVERRIDES, *after]))
     apply_official_recipe(trainer)
     return trainer
 

@@ -16,10 +16,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make bench`: the SD1.5 step suite first. Its arms run in child processes (the official one peaks at 16 GB),
-    and the suites after it build SD1.5-size models in this process, which keeps their memory (freeing the memory
-    suite's Trainer and trimming the heap did not bring it back): after the memory suite this process held 14 GB,
-    and the official arm beside it ran a 23 GB box out of memory (measured twice)."""
+    """`make bench`: the SD1.5 and SDXL step suites first. Their arms run in child processes (the official ones peak
+    at 16 GB and past 21 GB), and the suites after them build SD-size models in this process, which keeps their
+    memory (freeing the memory suite's Trainer and trimming the heap did not bring it back): after the memory suite
+    this process held 14 GB, and the official arm beside it ran a 23 GB box out of memory (measured twice)."""
     if config.getoption("benchmark_disable", False):
         return
-    items.sort(key=lambda item: item.path.name != "test_bench_sd15_step.py")  # stable: the rest keep their order
+    steps = ("test_bench_sd15_step.py", "test_bench_sdxl_step.py")
+    items.sort(key=lambda item: item.path.name not in steps)  # stable: the rest keep their order

@@ -6,9 +6,12 @@ benchmark loads its models exactly as a user's config does (no real weights exis
 - `write_random_sd15`: the exact SD1.5 architecture as one original-layout .safetensors file (`model.path`).
 - `write_sd15_in_child`: both, with the ViT-L/14 tower's text half set to the SD1.5 file's text encoder, as for the
   published pair (SD1.5's text encoder is OpenAI CLIP ViT-L/14's text transformer).
+- `write_random_sdxl` / `write_sdxl_in_child`: the exact SDXL base 1.0 architecture as a diffusers folder (the
+  package's models/sdxl/ configs), with a ViT-L/14 tower whose text half is encoder 1.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,5 +82,78 @@ def write_sd15_in_child(model: Path, tower: Path | None = None) -> None:
     code = ("import sys; from pathlib import Path; from random_towers import write_random_sd15; "
             "write_random_sd15(Path(sys.argv[1]), tower=Path(sys.argv[2]) if len(sys.argv) > 2 else None)")
     args = [str(model), *([str(tower)] if tower is not None else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), *sys.path]))
+    subprocess.run([sys.executable, "-c", code, *args], check=True, env=env)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's configs (unet/, vae/, text_encoder/, text_encoder_2/ config.json), the
+# fields that differ from the classes' defaults: used where the package's models/sdxl/ does not ship them.
+SDXL_BASE: dict[str, dict] = {
+    "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32),
+    "vae": dict(sample_size=1024, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, scaling_factor=0.13025, force_upcast=True),
+    "text_encoder": dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu",
+                         bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "text_encoder_2": dict(vocab_size=49408, max_position_embeddings=77, hidden_size=1280, intermediate_size=5120,
+                           num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
+                           bos_token_id=0, eos_token_id=2, pad_token_id=1),
+}
+
+
+def _sdxl_config(config_dir: Path, name: str) -> dict:
+    shipped = config_dir / name / "config.json"
+    return json.loads(shipped.read_text()) if shipped.is_file() else SDXL_BASE[name]
+
+
+def write_random_sdxl(folder: Path, tower: Path | None = None, config_dir: Path | None = None,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """Random weights in the exact SDXL base 1.0 architecture (UNet 2,567,463,684, VAE 83,653,863, CLIP-L text
+    encoder 123,060,480 and OpenCLIP bigG text encoder 694,659,840 parameters), written as a diffusers folder in
+    `dtype` by the package's own `save_components`; tokenizers and scheduler from `config_dir` (default: the
+    package's models/sdxl/). With `tower`, a random ViT-L/14 CLIPModel folder whose text transformer is encoder 1
+    (SDXL's encoder 1 is CLIP ViT-L/14's text transformer), values as stored."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from textcraftor_fast.models import SDComponents, save_components
+    from textcraftor_fast.models.conditioner import SDXLConditioner
+    from textcraftor_fast.models.families import CONFIG_DIRS
+    from textcraftor_fast.models.loading import family_tokenizer, load_scheduler
+
+    config_dir = Path(config_dir or CONFIG_DIRS["sdxl"])
+    # Each module is cast in place as soon as it is built: fp32 copies of all four (13.9 GB) beside the saving
+    # copies ran a 23 GB box out of memory (measured).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(_sdxl_config(config_dir, "unet")).to(dtype)
+        vae = AutoencoderKL.from_config(_sdxl_config(config_dir, "vae")).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(_sdxl_config(config_dir, "text_encoder"))).to(dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_dict(_sdxl_config(config_dir, "text_encoder_2"))).to(dtype)
+    comp = SDComponents(unet=unet, vae=vae, text_encoder=SDXLConditioner(text_encoder, text_encoder_2),
+                        tokenizer=family_tokenizer(config_dir), scheduler=load_scheduler(config_dir / "scheduler"),
+                        family="sdxl")
+    save_components(comp, folder)
+    if tower is not None:
+        write_random_clip(tower, **VIT_L14, text_from=text_encoder.float())
+    return Path(folder)
+
+
+def write_sdxl_in_child(folder: Path, tower: Path | None = None) -> None:
+    """`write_random_sdxl` in a child process (3.5B fp32 parameters: ~14 GB that glibc would keep in this one);
+    the child reads the tokenizers and scheduler from this process's `CONFIG_DIRS['sdxl']`."""
+    from textcraftor_fast.models.families import CONFIG_DIRS
+
+    code = ("import sys; from pathlib import Path; from random_towers import write_random_sdxl; "
+            "write_random_sdxl(Path(sys.argv[1]), Path(sys.argv[3]) if sys.argv[3] else None, Path(sys.argv[2]))")
+    args = [str(folder), str(CONFIG_DIRS["sdxl"]), str(tower) if tower is not None else ""]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), *sys.path]))
     subprocess.run([sys.executable, "-c", code, *args], check=True, env=env)

@@ -69,18 +69,34 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _vm_hwm_gib() -> float:
+    """Peak RSS since the last `_reset_vm_hwm` (VmHWM; the process's whole-life peak is ru_maxrss)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+
+
+def _reset_vm_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (Linux >= 4.0)
+        f.write("5")
+
+
 def run_arm(arm: str, overrides: list[str], steps: int, out_dir: Path) -> dict:
-    """In this process: build the arm's Trainer, one warm-up step, then `steps` timed steps."""
+    """In this process: build the arm's Trainer, one warm-up step, then `steps` timed steps. A precision the run
+    sets (`train.mixed_precision`) holds for the baseline too, over the official fp32."""
     sys.path.insert(0, str(HERE))
-    from baseline_official import official_trainer
+    from baseline_official import official_trainer, weight_grads
     from textcraftor_fast import load_config
     from textcraftor_fast.training.trainer import Trainer
 
+    same = [o for o in overrides if o.startswith("train.mixed_precision=")]
     overrides = [*overrides, *ARM_OVERRIDES[arm], f'output.dir="{out_dir / arm}"']
     t0 = time.perf_counter()
-    trainer = official_trainer(None, overrides) if arm == "baseline" else Trainer(load_config(None, overrides))
+    trainer = official_trainer(None, overrides, same) if arm == "baseline" else Trainer(load_config(None, overrides))
     build_s = time.perf_counter() - t0
     rss_built = _rss_gib()
+    # The loaders read every module in fp32 and the trainer casts the frozen ones after (bf16 runs): that load
+    # peak is not the step's, so the steps' peak is also taken on its own.
+    _reset_vm_hwm()
     _warm_up(trainer)
     times = []
     for _ in range(steps):
@@ -90,7 +106,11 @@ def run_arm(arm: str, overrides: list[str], steps: int, out_dir: Path) -> dict:
     plan = trainer.memory_plan
     return {"arm": arm, "build_s": build_s, "step_s": times, "rss_after_build_gib": rss_built,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "plain_unet_calls": plan.plain_unet_calls, "vae": str(plan.vae), "threads": _threads()}
+            "peak_rss_steps_gib": _vm_hwm_gib(), "plain_unet_calls": plan.plain_unet_calls, "vae": str(plan.vae),
+            "threads": _threads(), "encoder": type(trainer.text_encoder).__name__,
+            "trained_params": sum(p.numel() for p in trainer.params), "unet_dtype": str(trainer.unet.dtype),
+            "unet_requires_grad": any(p.requires_grad for p in trainer.unet.parameters()),
+            "weight_grad_bytes": {name: g[2] for name, g in weight_grads(trainer).items()}}
 
 
 def _warm_up(trainer) -> None:
@@ -104,15 +124,27 @@ def _warm_up(trainer) -> None:
 @contextlib.contextmanager
 def schedule_of(trainer, num_steps: int) -> Iterator[None]:
     """Inside the block `trainer` samples on a `num_steps` DDIM schedule (its own eta and spacing)."""
-    from textcraftor_fast.models import load_scheduler
     from textcraftor_fast.sampler import make_schedule
 
     s, full = trainer.cfg.sampler, trainer.schedule
-    trainer.schedule = make_schedule(load_scheduler().config, num_steps, s.eta, s.timestep_spacing)
+    trainer.schedule = make_schedule(_scheduler_config(trainer.cfg.model), num_steps, s.eta, s.timestep_spacing)
     try:
         yield
     finally:
         trainer.schedule = full
+
+
+def _scheduler_config(model) -> dict:
+    """The scheduler config of the model `model` (a ModelConfig) names: a diffusers folder's, a tiny family's, or
+    SD1.5's (single files, tiny SD1.5)."""
+    from textcraftor_fast.models import load_scheduler
+    from textcraftor_fast.models.families import CONFIG_DIRS
+
+    if model.kind == "pretrained" and Path(model.path).is_dir():
+        return load_scheduler(Path(model.path) / "scheduler").config
+    if model.kind == "tiny_random" and model.family not in ("auto", "sd15"):
+        return load_scheduler(CONFIG_DIRS[model.family] / "scheduler").config
+    return load_scheduler().config
 
 
 def _threads() -> int:
@@ -146,6 +178,7 @@ def run(overrides: list[str], out_dir: Path, rounds: int = 2, steps: int = 2, th
         summary["arms"][arm] = {"median_step_s": statistics.median(times), "min_step_s": min(times),
                                 "max_step_s": max(times), "samples_per_s": _batch(overrides) / statistics.median(times),
                                 "peak_rss_gib": max(r["peak_rss_gib"] for r in rs),
+                                "peak_rss_steps_gib": max(r["peak_rss_steps_gib"] for r in rs),
                                 "rss_after_build_gib": max(r["rss_after_build_gib"] for r in rs),
                                 "plain_unet_calls": rs[0]["plain_unet_calls"], "vae": rs[0]["vae"]}
     if "baseline" in runs:
@@ -154,6 +187,7 @@ def run(overrides: list[str], out_dir: Path, rounds: int = 2, steps: int = 2, th
             a = summary["arms"][arm]
             a["speedup_vs_baseline"] = base["median_step_s"] / a["median_step_s"]
             a["peak_rss_vs_baseline"] = a["peak_rss_gib"] / base["peak_rss_gib"]
+            a["peak_rss_steps_vs_baseline"] = a["peak_rss_steps_gib"] / base["peak_rss_steps_gib"]
     return summary
 
 
@@ -162,20 +196,24 @@ def _batch(overrides: list[str]) -> int:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["| arm | median s/step [min, max] | samples/s | peak RSS GiB | RSS after build | x baseline speed | "
-             "x baseline peak RSS | plain UNet calls | VAE |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | median s/step [min, max] | samples/s | peak RSS GiB | RSS after build | steps' peak RSS | "
+             "x baseline speed | x baseline peak RSS (steps') | plain UNet calls | VAE |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, a in summary["arms"].items():
         lines.append(f"| {arm} | {a['median_step_s']:.2f} [{a['min_step_s']:.2f}, {a['max_step_s']:.2f}] | "
                      f"{a['samples_per_s']:.3f} | {a['peak_rss_gib']:.2f} | {a['rss_after_build_gib']:.2f} | "
-                     f"{a.get('speedup_vs_baseline', float('nan')):.2f} | "
-                     f"{a.get('peak_rss_vs_baseline', float('nan')):.2f} | {a['plain_unet_calls']} | {a['vae']} |")
+                     f"{a['peak_rss_steps_gib']:.2f} | {a.get('speedup_vs_baseline', float('nan')):.2f} | "
+                     f"{a.get('peak_rss_vs_baseline', float('nan')):.2f} "
+                     f"({a.get('peak_rss_steps_vs_baseline', float('nan')):.2f}) | {a['plain_unet_calls']} | "
+                     f"{a['vae']} |")
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The command line both step benchmarks (SD1.5 and SDXL) share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latent", type=int, default=16)
@@ -184,6 +222,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--arms", type=lambda s: tuple(s.split(",")), default=ARMS,
                     help=f"comma-separated arms, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)})")
+    return ap
+
+
+def main() -> int:
+    ap = step_arguments(__doc__, rounds=2)
     ap.add_argument("--arm", choices=ALL_ARMS, help=argparse.SUPPRESS)  # child process: one arm
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--overrides-json", help=argparse.SUPPRESS)
