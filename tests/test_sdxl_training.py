@@ -157,10 +157,41 @@ def test_the_nan_guard_keeps_both_encoders(tmp_path):
 
 def test_the_shipped_sdxl_recipe_runs_on_tiny_sdxl(tmp_path):
     # configs/sdxl.toml's sampler and memory options, the model and rewards swapped for tiny ones.
-    cfg = load_config("configs/sdxl.toml", ["model.kind=tiny_random", "model.resolution=32", "rewards=[{name=\"brightness\"}]",
+    cfg = load_config("configs/sdxl.toml", ["model.kind=tiny_random", "model.resolution=32",
+                                            'rewards=[{name="brightness"}]',
                                             "sampler.num_steps=4", "sampler.grad_steps=2", "train.progress_bar=false",
                                             f'output.dir="{tmp_path}"', "data.max_prompts=4",
                                             "train.gradient_accumulation_steps=1"])
     trainer = Trainer(cfg)
     assert isinstance(trainer.text_encoder, SDXLConditioner) and not trainer.train_uncond
     assert trainer.train_step()["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_two_ranks_zero_2_train_sdxl_as_one_process_does(tmp_path):
+    """Two ranks x batch 1 under torchrun and DeepSpeed ZeRO-2 (tests/ds_worker.py) against one process x batch 2:
+    the same losses, and encoder 2's weights within test_distributed's tolerance for a reordered all-reduce."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.ds_worker import BASE
+    from tests.faults.launch import free_port
+    from tests.test_distributed import ENV, WORKER, assert_same_training
+
+    sdxl = ["model.family=sdxl", 'encoder.train=["text_encoder_2"]']
+    reference = Trainer(load_config("configs/tiny_random.toml", BASE + sdxl + [
+        "train.steps=2", "train.batch_size=2", f'output.dir="{tmp_path / "one"}"']))
+    losses = [m["loss"] for m in reference.train().history]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), WORKER, str(tmp_path / "two"), "z2:2:2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**ENV, "DS_WORKER_SET": ";".join(sdxl)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = load_file(str(tmp_path / "two" / "z2" / "rank0.safetensors"))
+    want = reference.text_encoder.state_dict()
+    for key, value in want.items():
+        assert_same_training(got[key], value, key)
+    assert json.loads((tmp_path / "two" / "z2" / "rank0.json").read_text())["losses"] == pytest.approx(losses, abs=1e-6)
+    assert Path(tmp_path / "two" / "z2" / "text_encoder_2" / "model.safetensors").is_file()

@@ -19,7 +19,7 @@ from textcraftor_fast.inference import conditioning
 from textcraftor_fast.models import build_tiny_random, load_diffusers_folder, save_components
 from textcraftor_fast.models.conditioner import SDXLConditioner
 from textcraftor_fast.models.families import folder_family
-from textcraftor_fast.models.text import encode, tokenize
+from textcraftor_fast.models.text import encode, encode_empty, tokenize
 from textcraftor_fast.sampler import Embeddings, decode_latents, make_schedule, sample_images, sample_latents
 
 PROMPTS = ["a red cube on a table", "two dogs running on grass"]
@@ -108,38 +108,46 @@ def test_the_sdxl_unconditional_branch_is_zeros_and_the_time_ids_the_pipelines(f
                                                                                   time_ids[0])
 
 
-def _reference_loss_float64(comp, pipe, prompts, x_T, k):
+def _reference_loss_float64(pipe, family, prompts, x_T, k):
     """The loss (mean brightness of the decoded images) in float64 with no checkpointing, no packing and no engine
-    code: the pipeline's encode_prompt and time ids, separate cond and uncond UNet calls, DDIMScheduler.step."""
+    code: the pipeline's encode_prompt (and SDXL's time ids), separate cond and uncond UNet calls,
+    DDIMScheduler.step (SD2: v-prediction)."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     sched.set_timesteps(STEPS)
-    hidden, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, do_classifier_free_guidance=True)
-    time_ids = pipe._get_add_time_ids((SIDE, SIDE), (0, 0), (SIDE, SIDE), torch.float64,
-                                      text_encoder_projection_dim=pooled.shape[-1]).expand(len(prompts), -1)
+    if family == "sdxl":
+        hidden, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, do_classifier_free_guidance=True)
+        time_ids = pipe._get_add_time_ids((SIDE, SIDE), (0, 0), (SIDE, SIDE), torch.float64,
+                                          text_encoder_projection_dim=pooled.shape[-1]).expand(len(prompts), -1)
+        cond = dict(encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+        uncond = dict(encoder_hidden_states=neg, added_cond_kwargs={"text_embeds": neg_pooled, "time_ids": time_ids})
+    else:
+        hidden, neg = pipe.encode_prompt(prompts, "cpu", 1, True)
+        cond, uncond = dict(encoder_hidden_states=hidden), dict(encoder_hidden_states=neg)
     x = x_T.double()
     for i, t in enumerate(sched.timesteps):
         with torch.set_grad_enabled(i >= STEPS - k):
-            kw = lambda h, p: dict(encoder_hidden_states=h, added_cond_kwargs={"text_embeds": p, "time_ids": time_ids})
-            u = pipe.unet(x, t, **kw(neg, neg_pooled)).sample
-            c = pipe.unet(x, t, **kw(hidden, pooled)).sample
+            u, c = pipe.unet(x, t, **uncond).sample, pipe.unet(x, t, **cond).sample
             x = sched.step(u + GUIDANCE * (c - u), t, x).prev_sample
     image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1).mean()
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
 @pytest.mark.parametrize("checkpoint,blocks", [("step", True), ("none", False)])
-def test_sdxl_encoder_gradients_equal_a_plain_float64_computation(folders, checkpoint, blocks):
+def test_encoder_gradients_equal_a_plain_float64_computation(folders, family, checkpoint, blocks):
     k = 2
-    comp = load_diffusers_folder(folders["sdxl"])
-    comp.text_encoder.set_image_size(SIDE)
-    reference = _stock(folders["sdxl"], "sdxl").to(torch.float64)
-    encoder = comp.text_encoder.train()  # both encoders trained, as encoder.train = [] (all) does
+    comp = load_diffusers_folder(folders[family])
+    if family == "sdxl":
+        comp.text_encoder.set_image_size(SIDE)
+    reference = _stock(folders[family], family).to(torch.float64)
+    encoder = comp.text_encoder.train()  # every encoder trained, as encoder.train = [] (all) does
     original = copy.deepcopy(encoder).eval()
-    ids = tokenize(comp.tokenizer, PROMPTS)
-    frozen = Embeddings(encode(original, ids).detach(), original.empty())
-    trained = Embeddings(encode(encoder, ids), encoder.empty())
+    ids, empty = tokenize(comp.tokenizer, PROMPTS), tokenize(comp.tokenizer, [""])
+    # The unconditional embedding trains too (sampler.train_uncond) where the model encodes "" (SD2); SDXL's is zeros.
+    frozen = Embeddings(encode(original, ids).detach(), encode_empty(original, empty).detach())
+    trained = Embeddings(encode(encoder, ids), encode_empty(encoder, empty))
     x_T = torch.randn(2, 4, SIDE // 2, SIDE // 2, generator=torch.Generator().manual_seed(0))
     cfg = SamplerConfig(num_steps=STEPS, grad_steps=k, guidance_scale=GUIDANCE, checkpoint=checkpoint,
                         checkpoint_unet_blocks=blocks)
@@ -149,11 +157,12 @@ def test_sdxl_encoder_gradients_equal_a_plain_float64_computation(folders, check
     ours.backward()
     reference.unet.requires_grad_(False)
     reference.vae.requires_grad_(False)
-    want = _reference_loss_float64(comp, reference, PROMPTS, x_T, k)
+    want = _reference_loss_float64(reference, family, PROMPTS, x_T, k)
     want.backward()
     torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=0)
-    for name in ("text_encoder", "text_encoder_2"):
-        got = dict(getattr(encoder, name).named_parameters())
+    sub = {"text_encoder": encoder} if family == "sd2" else encoder.encoders()
+    for name, part in sub.items():
+        got = dict(part.named_parameters())
         ref = {k: p.grad for k, p in getattr(reference, name).named_parameters()}
         scale = max(float(g.abs().max()) for g in ref.values() if g is not None)
         assert scale > 0, name
@@ -169,15 +178,19 @@ def test_sdxl_encoder_gradients_equal_a_plain_float64_computation(folders, check
                 assert float((ours_g - g).norm() / g.norm()) < 1e-4, (name, key)
 
 
-@pytest.fixture(scope="module")
-def tuned_sdxl(folders):
-    """The tiny SDXL's conditioner with every weight of both encoders moved by fixed noise (a stand-in tuned one)."""
-    tuned = copy.deepcopy(load_diffusers_folder(folders["sdxl"]).text_encoder)
+def _tuned(folder):
+    """The model's text encoder(s) with every weight moved by fixed noise (a stand-in for a tuned one)."""
+    tuned = copy.deepcopy(load_diffusers_folder(folder).text_encoder)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in tuned.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return tuned
+
+
+@pytest.fixture(scope="module")
+def tuned_sdxl(folders):
+    return _tuned(folders["sdxl"])
 
 
 def _ours_generate(comp, tuned):
@@ -245,7 +258,7 @@ def test_a_single_file_round_trips_strictly_and_says_its_family(folders, family,
     text_key = next(k for k in keys if k.startswith("conditioner.embedders.1." if family == "sdxl"
                                                    else "cond_stage_model.model."))
     save_file({k: v for k, v in keys.items() if k != text_key}, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match=r"missing\.safetensors': the text encoder.* weights do not match.*missing keys"):
+    with pytest.raises(ValueError, match=r"missing\.safetensors': the text encoder.* weights do not match.*missing"):
         load_single_file(tmp_path / "missing.safetensors", config_dir=folders[family])
     with pytest.raises(ValueError, match=rf"model.family is 'sd15' but '.*model.safetensors' holds a {family} model"):
         load_single_file(path, family="sd15")
@@ -275,16 +288,35 @@ def test_the_sd2_single_file_prediction_type_is_said_and_can_be_set(folders, tmp
     assert base.scheduler.config.prediction_type == "epsilon"
 
 
-def test_the_sdxl_full_single_file_loads_in_stock_diffusers_and_samples_what_generate_does(folders, tuned_sdxl,
-                                                                                          tmp_path):
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_the_full_single_file_loads_in_stock_diffusers_and_samples_what_generate_does(folders, family, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from textcraftor_fast.models import export_tuned
 
-    comp = load_diffusers_folder(folders["sdxl"])
-    comp.text_encoder.set_image_size(SIDE)
-    want = _ours_generate(comp, tuned_sdxl)
-    path = export_tuned(comp, tuned_sdxl, tmp_path / "tuned.safetensors", layout="single_file", full=True)
-    pipe = StableDiffusionXLPipeline.from_single_file(path, config=str(folders["sdxl"]), local_files_only=True)
+    comp = load_diffusers_folder(folders[family])
+    if family == "sdxl":
+        comp.text_encoder.set_image_size(SIDE)
+    tuned = _tuned(folders[family])
+    want = _ours_generate(comp, tuned)
+    path = export_tuned(comp, tuned, tmp_path / "tuned.safetensors", layout="single_file", full=True)
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None}
+    pipe = cls.from_single_file(path, config=str(folders[family]), local_files_only=True, **extra)
+    got = _stock_sample(pipe, [torch.Generator().manual_seed(SEEDS[0] + i) for i in range(len(PROMPTS))])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_sd2_pipeline_export_loads_in_stock_diffusers_and_samples_what_generate_does(folders, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from textcraftor_fast.models import export_tuned
+
+    comp = load_diffusers_folder(folders["sd2"])
+    tuned = _tuned(folders["sd2"])
+    want = _ours_generate(comp, tuned)
+    export_tuned(comp, tuned, tmp_path / "pipeline", layout="pipeline", timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     got = _stock_sample(pipe, [torch.Generator().manual_seed(SEEDS[0] + i) for i in range(len(PROMPTS))])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -3,8 +3,9 @@
     comp = load_diffusers_folder("path/to/sd15")   # SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
     export_text_encoder(comp.text_encoder, "out/text_encoder", layout="diffusers")
 
-Everything works offline: the SD1.5, SD2.1 and SDXL configs and tokenizers ship in `models/sd15/`, `models/sd2/` and
-`models/sdxl/` (models/families.py; SDXL's two encoders are one `SDXLConditioner`, models/conditioner.py). `load_components`
+Everything works offline: the SD1.5, SD2.1 and SDXL configs and tokenizers ship in `models/sd15/`, `models/sd2/`
+and `models/sdxl/` (models/families.py; SDXL's two encoders are one `SDXLConditioner`, models/conditioner.py).
+`load_components`
 dispatches over `model.kind` through `registry.MODEL_KINDS` (a plugin's kinds, the tiny world's among them).
 """
 from __future__ import annotations

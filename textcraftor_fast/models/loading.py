@@ -83,7 +83,8 @@ def check_keys(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tenso
     parts = [f"{label} keys: {_examples(keys)}" for label, keys in
              (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong)) if keys]
     raise ValueError(f"'{source}': the {what} weights do not match the expected architecture; "
-                     + "; ".join(parts) + ". Is this a checkpoint of this model family and config (model.family, model.path)?")
+                     + "; ".join(parts) + ". Is this a checkpoint of this model family and config (model.family, "
+                     "model.path)?")
 
 
 def _restore_position_ids(model: torch.nn.Module) -> None:

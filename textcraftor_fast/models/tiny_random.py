@@ -4,7 +4,8 @@ Same classes, same key layout rules, same tokenizers (vocab 49408, 77 positions)
 published model (models/families.py), so every code path (sampler, CFG, VAE decode, single-file export) is
 exercised; only widths and depths shrink. SD2.x: gelu encoder, linear-projection attention, v-prediction, the "!"
 padding tokenizer. SDXL: two encoders (the second with a projection) feeding a `text_time` UNet through
-`SDXLConditioner`, down block 0 without attention, two transformer layers in the lower level. The VAE has 2 levels (scale factor 2, not 8) so 32x32 images give 16x16 latents and the 2-level
+`SDXLConditioner`, down block 0 without attention, two transformer layers in the lower level.
+The VAE has 2 levels (scale factor 2, not 8) so 32x32 images give 16x16 latents and the 2-level
 UNet still sees 8x8 at its bottom: at factor 8 a 32x32 image would leave a 4x4 latent and a 2x2 bottom.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ TINY_SDXL_TEXT_2: dict[str, Any] = {**TINY_TEXT, "hidden_act": "gelu", "hidden_s
                                     "projection_dim": 32}
 TINY_SDXL_UNET: dict[str, Any] = dict(
     TINY_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
     attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * 8,

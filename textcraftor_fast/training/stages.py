@@ -172,7 +172,8 @@ class TextEncoderStage(Stage):
             for name in self.trained:
                 with replaced_atomically(output_dir / name) as tmp:
                     export_text_encoder(parts[name], tmp, layout="diffusers")
-        return {"text_encoder": output_dir if isinstance(self.text_encoder, SDXLConditioner) else output_dir / ENCODER_DIR}
+        sdxl = isinstance(self.text_encoder, SDXLConditioner)
+        return {"text_encoder": output_dir if sdxl else output_dir / ENCODER_DIR}
 
     def monitor(self, tokenize: Callable[[list[str]], Tensor], prompts: list[str]) -> dict[str, float]:
         return embedding_monitor(self.text_encoder, self.original_encoder, tokenize, prompts,
@@ -192,6 +193,7 @@ class EncoderLoraStage(TextEncoderStage):
         from ..models.encoder_lora import add_encoder_lora
 
         e = cfg.encoder
+        trained_encoder_names(e.train, comp.text_encoder)  # a name the model lacks fails here too
         if isinstance(comp.text_encoder, SDXLConditioner):
             raise ConfigError("config key 'encoder.method': expected 'full' for an SDXL model (LoRA on SDXL's two "
                               "encoders is not built yet); choose the encoders that learn with encoder.train")
