@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..memory.host_heap import release_freed_host_memory
+from .families import CONFIG_DIRS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-SD15_CONFIG_DIR = Path(__file__).parent / "sd15"
+SD15_CONFIG_DIR = CONFIG_DIRS["sd15"]
 """Hand-written runwayml/stable-diffusion-v1-5 configs + the converted OpenAI CLIP tokenizer (no hub needed)."""
 
 COMPONENT_NAMES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -31,7 +31,7 @@ from ..config.sections import ENCODER_NAMES
 TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w): SDXL base's micro-conditioning
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)  # DDP / DeepSpeed engines keep the model as .module
 
 
@@ -117,7 +117,7 @@ def unet_inputs(unet: nn.Module, emb: Tensor) -> dict[str, Any]:
     """The UNet's conditioning keyword arguments for embedding `emb`: `encoder_hidden_states` as is (SD1.5, SD2.x),
     or, for an SDXL UNet (`addition_embed_type='text_time'`), a packed embedding unpacked into the hidden states and
     `added_cond_kwargs` (text_embeds, time_ids)."""
-    config = getattr(_unwrap(unet), "config", None)
+    config = getattr(unwrap(unet), "config", None)
     if not _takes_added_conditioning(config):
         return {"encoder_hidden_states": emb}
     pooled = config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
@@ -153,9 +153,9 @@ class PairTokenizer:
 
 def sub_encoders(encoder: nn.Module) -> dict[str, nn.Module]:
     """{'text_encoder': ...} for a one-encoder model, {'text_encoder': ..., 'text_encoder_2': ...} for SDXL."""
-    encoder = _unwrap(encoder)
+    encoder = unwrap(encoder)
     return encoder.encoders() if isinstance(encoder, SDXLConditioner) else {"text_encoder": encoder}
 
 
 def zeroes_empty_prompt(encoder: nn.Module) -> bool:
-    return bool(getattr(_unwrap(encoder), "force_zeros_for_empty_prompt", False))
+    return bool(getattr(unwrap(encoder), "force_zeros_for_empty_prompt", False))

@@ -89,8 +89,7 @@ def save_components(comp: SDComponents, folder: str | Path, dtype: torch.dtype |
     folder.mkdir(parents=True, exist_ok=True)
     _cast_copy(comp.unet, dtype).save_pretrained(folder / "unet")
     _cast_copy(comp.vae, dtype).save_pretrained(folder / "vae")
-    for name, encoder in sub_encoders(comp.text_encoder).items():
-        save_text_encoder_folder(encoder, folder / name, dtype)
+    save_encoder_folders(comp.text_encoder, folder, dtype)
     tokenizers = ({"tokenizer": comp.tokenizer.tokenizer, "tokenizer_2": comp.tokenizer.tokenizer_2}
                   if isinstance(comp.tokenizer, PairTokenizer) else {"tokenizer": comp.tokenizer})
     for name, tokenizer in tokenizers.items():
@@ -99,6 +98,12 @@ def save_components(comp: SDComponents, folder: str | Path, dtype: torch.dtype |
     (folder / "model_index.json").write_text(json.dumps(_model_index(comp), indent=2) + "\n")
     logger.info("Saved diffusers folder %s", folder)
     return folder
+
+
+def save_encoder_folders(text_encoder: torch.nn.Module, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """folder/text_encoder/ (and SDXL's folder/text_encoder_2/), each a `save_text_encoder_folder`."""
+    for name, encoder in sub_encoders(text_encoder).items():
+        save_text_encoder_folder(encoder, folder / name, dtype)
 
 
 def save_text_encoder_folder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dtype | None = None) -> Path:
@@ -182,8 +187,7 @@ def export_text_encoder(text_encoder: CLIPTextModel, out_path: str | Path,
     out_path = Path(out_path)
     if layout == "diffusers" and isinstance(text_encoder, SDXLConditioner):
         _require_folder_name(out_path, layout)
-        for name, encoder in text_encoder.encoders().items():  # what model.text_encoder_path takes for SDXL
-            save_text_encoder_folder(encoder, out_path / name, dtype)
+        save_encoder_folders(text_encoder, out_path, dtype)  # what model.text_encoder_path takes for SDXL
     elif layout == "diffusers":
         _require_folder_name(out_path, layout)
         save_text_encoder_folder(text_encoder, out_path, dtype)

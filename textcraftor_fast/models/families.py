@@ -17,14 +17,13 @@ FAMILIES = ("sd15", "sd2", "sdxl")
 CONFIG_DIRS = {family: Path(__file__).parent / family for family in FAMILIES}
 """Hand-written configs of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
 stabilityai/stable-diffusion-xl-base-1.0, with their tokenizers: loading needs no hub."""
-NATIVE_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 # OpenAI's CLIP (SD1.x) uses quick_gelu, OpenCLIP (SD2.x) gelu: true of the published and the tiny models alike,
 # where widths tell nothing.
 _SD_ACTIVATIONS = {"quick_gelu": "sd15", "gelu": "sd2"}
 
 
 def folder_family(folder: Path) -> str:
-    """The family of a diffusers folder, from its model_index.json (and text_encoder/config.json's hidden_size)."""
+    """The family of a diffusers folder, from its model_index.json (and text_encoder/config.json's hidden_act)."""
     index_path = folder / "model_index.json"
     try:
         index = json.loads(index_path.read_text())

@@ -22,7 +22,7 @@ import torch
 from ..registry import MODEL_KINDS, import_target
 from . import keymap
 from .components import COMPONENT_NAMES, SD15_CONFIG_DIR, SDComponents
-from .conditioner import PairTokenizer
+from .conditioner import PairTokenizer, SDXLConditioner
 from .families import check_family, folder_family
 from .tensors import load_safetensors
 
@@ -135,6 +135,18 @@ def load_tokenizer(folder: str | Path | None = None):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def sdxl_conditioner(text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module, unet: torch.nn.Module,
+                     vae: torch.nn.Module, config_dir: Path | None = None):
+    """SDXL's two encoders as one SDXLConditioner, micro-conditioned on the model's native image size (the UNet's
+    sample size in pixels), with config_dir's model_index.json's force_zeros_for_empty_prompt (default true, as SDXL
+    base)."""
+    index = config_dir / "model_index.json" if config_dir is not None else None
+    zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index and index.is_file() \
+        else True
+    side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return SDXLConditioner(text_encoder, text_encoder_2, (side, side), bool(zeros)).eval()
+
+
 def family_tokenizer(folder: Path):
     """`folder`'s tokenizer/, or SDXL's tokenizer/ + tokenizer_2/ as one PairTokenizer."""
     if (folder / "tokenizer_2").is_dir():
@@ -223,7 +235,6 @@ def load_single_file(path: str | Path, config_dir: str | Path | None = None, dty
     have the same keys: `prediction_type` 'auto' takes the config's (the shipped one: SD2.1's v_prediction) and the log
     says which.
     """
-    from .conditioner import SDXLConditioner
     from .families import CONFIG_DIRS
     from .keymap_families import detect_family
 
@@ -243,13 +254,7 @@ def load_single_file(path: str | Path, config_dir: str | Path | None = None, dty
     unet = _unet_from_ckpt(ckpt, config_dir, path, dtype)
     vae = _vae_from_ckpt(ckpt, config_dir, path, dtype)
     encoders = _text_encoders_from_ckpt(ckpt, config_dir, found, path, dtype)
-    if found == "sdxl":
-        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        index = config_dir / "model_index.json"
-        zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
-        encoder = SDXLConditioner(*encoders, (side, side), bool(zeros)).eval()
-    else:
-        encoder = encoders[0]
+    encoder = sdxl_conditioner(*encoders, unet, vae, config_dir) if found == "sdxl" else encoders[0]
     own = lambda name: config_dir / name if (config_dir / name).is_dir() else shipped / name
     tokenizer = (PairTokenizer(load_tokenizer(own("tokenizer")), load_tokenizer(own("tokenizer_2"))) if found == "sdxl"
                  else load_tokenizer(own("tokenizer")))
@@ -290,8 +295,6 @@ def load_diffusers_folder(folder: str | Path, family: str = "auto") -> SDCompone
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .conditioner import SDXLConditioner
-
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         missing = ["model_index.json", *(f"{n}/" for n in COMPONENT_NAMES if not (folder / n).is_dir())]
@@ -311,10 +314,7 @@ def load_diffusers_folder(folder: str | Path, family: str = "auto") -> SDCompone
     if found == "sdxl":
         encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", "text encoder 2",
                                      dtype=torch.float32)
-        index = json.loads((folder / "model_index.json").read_text())
-        side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        encoder = SDXLConditioner(encoder, encoder_2, (side, side),
-                                  bool(index.get("force_zeros_for_empty_prompt", True))).eval()
+        encoder = sdxl_conditioner(encoder, encoder_2, unet, vae, folder)
     comp = SDComponents(unet=unet, vae=vae, text_encoder=encoder, tokenizer=family_tokenizer(folder),
                         scheduler=load_scheduler(folder / "scheduler"), family=found)
     logger.info("Loaded diffusers %s folder %s (%s prediction)", found, folder, comp.scheduler.config.prediction_type)
@@ -371,8 +371,6 @@ def load_tuned_encoder(path: str | Path, base: torch.nn.Module) -> torch.nn.Modu
     for one encoder; for SDXL's conditioner, a folder holding text_encoder/ and/or text_encoder_2/ (a run's folder
     or an export), each replacing that encoder (one it lacks stays the base's)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from .conditioner import SDXLConditioner
 
     if not isinstance(base, SDXLConditioner):
         # The override must fit the base model's architecture, so its config is the base encoder's.

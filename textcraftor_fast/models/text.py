@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .conditioner import zeroes_empty_prompt
+from .conditioner import unwrap, zeroes_empty_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,7 +41,7 @@ def encode_empty(encoder: nn.Module, ids: Tensor) -> Tensor:
     """(1, L, D) the unconditional embedding from the empty prompt's `ids`: its encoding, or zeros where the model
     sets force_zeros_for_empty_prompt (SDXL base), as the pipeline builds it for an empty negative prompt."""
     if zeroes_empty_prompt(encoder):
-        return getattr(encoder, "module", encoder).empty(ids.shape[0])
+        return unwrap(encoder).empty(ids.shape[0])
     return encode(encoder, ids)
 
 

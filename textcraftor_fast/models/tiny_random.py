@@ -17,7 +17,7 @@ import torch
 
 from .components import SDComponents
 from .families import CONFIG_DIRS
-from .loading import family_tokenizer, load_scheduler, load_tokenizer
+from .loading import family_tokenizer, load_scheduler, sdxl_conditioner
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ def build_tiny_random(seed: int = 0, family: str = "sd15") -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .conditioner import SDXLConditioner
-
     if family not in _TINY:
         raise ValueError(f"model.family must be one of {', '.join(_TINY)} (or 'auto') for tiny_random, got {family!r}")
     unet_config, vae_config, text_config = _TINY[family]
@@ -82,8 +80,7 @@ def build_tiny_random(seed: int = 0, family: str = "sd15") -> SDComponents:
         if family == "sdxl":
             torch.manual_seed(seed + 3)
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2)).eval()
-    side = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    encoder = SDXLConditioner(text_encoder, text_encoder_2, (side, side)) if family == "sdxl" else text_encoder
+    encoder = sdxl_conditioner(text_encoder, text_encoder_2, unet, vae) if family == "sdxl" else text_encoder
     logger.info("Built tiny random %s components (seed %d)", family, seed)
     return SDComponents(unet=unet.eval(), vae=vae.eval(), text_encoder=encoder.eval(),
                         tokenizer=family_tokenizer(CONFIG_DIRS[family]),
